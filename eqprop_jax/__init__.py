@@ -1,0 +1,38 @@
+"""eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
+
+from ._solution import Result, Solution, Stats
+from .adjoints import (
+    AbstractAdjoint,
+    AdjointStats,
+    AlmeidaPineda,
+    Implicit,
+    Neumann,
+    Unrolled,
+)
+from .diagnostics import gradient_alignment
+from .estimators import Estimator
+from .fixed_point import fixed_point
+from .models import DEQ
+from .solvers import AbstractSolver, Anderson, Broyden, Picard
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractAdjoint",
+    "AbstractSolver",
+    "AdjointStats",
+    "AlmeidaPineda",
+    "DEQ",
+    "Estimator",
+    "Anderson",
+    "Broyden",
+    "Implicit",
+    "Neumann",
+    "Picard",
+    "Result",
+    "Solution",
+    "Stats",
+    "Unrolled",
+    "fixed_point",
+    "gradient_alignment",
+]
