@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
@@ -83,7 +84,7 @@ class EnergyModel(eqx.Module):
         """
         s0 = self.init_state(x) if s0 is None else s0
         if jnp.iscomplexobj(jnp.asarray(beta)):
-            s0 = jax_tree_complex(s0)
+            s0 = to_complex(s0)
         solver = Picard(tol=0.0, max_steps=50) if solver is None else solver
         return fixed_point(
             lambda s, args: self.step(s, args[0], args[1], args[2]),
@@ -94,9 +95,8 @@ class EnergyModel(eqx.Module):
         )
 
 
-def jax_tree_complex(tree: PyTree) -> PyTree:
+def to_complex(tree: PyTree) -> PyTree:
     """Cast every floating leaf of `tree` to the matching complex dtype."""
-    import jax
 
     def cast(a):
         a = jnp.asarray(a)
