@@ -19,6 +19,16 @@ class Estimator(eqx.Module):
     `aux` a dict of extra diagnostics (states, solver statistics, ...).
     """
 
+    def pre_step(self, model: Any, x: Array, y: Array, *, key: PRNGKeyArray | None = None) -> Any:
+        """Work on the model that precedes the gradient estimate of a training step.
+
+        Training loops call `model = estimator.pre_step(model, x, y, key=k1)` and then
+        `estimator(model, x, y, key=k2)`. The default returns the model unchanged;
+        target propagation trains its feedback weights here, so their state lives in
+        the model rather than in globals.
+        """
+        return model
+
     @abc.abstractmethod
     def __call__(
         self, model: Any, x: Array, y: Array, *, key: PRNGKeyArray | None = None
