@@ -10,9 +10,9 @@ from .adjoints import (
     Unrolled,
 )
 from .diagnostics import gradient_alignment
-from .estimators import Estimator
+from .estimators import BPTT, EquilibriumProp, Estimator, RecurrentBackprop
 from .fixed_point import fixed_point
-from .models import DEQ
+from .models import DEQ, HopfieldMLP
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
 __version__ = "0.1.0"
@@ -35,4 +35,8 @@ __all__ = [
     "Unrolled",
     "fixed_point",
     "gradient_alignment",
+    "BPTT",
+    "EquilibriumProp",
+    "HopfieldMLP",
+    "RecurrentBackprop",
 ]

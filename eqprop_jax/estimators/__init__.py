@@ -1,5 +1,8 @@
 """Gradient estimators, one file each, one base class."""
 
 from .base import Estimator
+from .bptt import BPTT
+from .ep import EquilibriumProp
+from .rbp import RecurrentBackprop
 
-__all__ = ["Estimator"]
+__all__ = ["Estimator", "BPTT", "EquilibriumProp", "RecurrentBackprop"]

@@ -2,5 +2,6 @@
 
 from .deq import DEQ
 from .energy import EnergyModel
+from .hopfield import HopfieldMLP
 
-__all__ = ["DEQ", "EnergyModel"]
+__all__ = ["DEQ", "EnergyModel", "HopfieldMLP"]
