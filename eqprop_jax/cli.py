@@ -1,0 +1,402 @@
+"""`eqprop-jax train | align | bench | presets`: the command line.
+
+- `train`: train a preset (default: an EP network on the embedded digits).
+- `align`: every estimator that applies to a preset's model, on one batch, against
+  the autodiff reference; prints the gradient-alignment table, writes PNG plots.
+- `bench`: runs the benchmark scripts of the source tree and prints their tables.
+- `presets`: lists the presets and their settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = ("solvers", "ep_step", "dchn", "resistive", "dtp")
+
+
+def _err(msg: str) -> None:
+    print(f"eqprop-jax: error: {msg}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqprop-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_args(q):
+        q.add_argument("--preset", default="default", help="a preset name (see `presets`)")
+        q.add_argument("--dataset", default=None, help="override the preset's dataset")
+        q.add_argument(
+            "--data-dir",
+            default=None,
+            help="a folder of IDX (.gz) / npz files, or a tensorflow-datasets data_dir",
+        )
+        q.add_argument("--download", action="store_true", help="let tfds download (network)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+        q.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
+
+    t = sub.add_parser("train", help="train a preset")
+    data_args(t)
+    t.add_argument("--estimator", default=None, help="override the preset's estimator")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None, help="one learning rate for all layers")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--eval-limit", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--x64", action="store_true", help=argparse.SUPPRESS)
+
+    a = sub.add_parser("align", help="gradient alignment of every estimator on one batch")
+    data_args(a)
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument(
+        "--betas",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.03, 0.1, 0.3, 1.0],
+        help="the β values of the EP sweep",
+    )
+    a.add_argument("--float32", action="store_true", help="compute in float32 (default: float64)")
+    a.add_argument("--no-plot", action="store_true")
+
+    b = sub.add_parser("bench", help="run the benchmark scripts and print their tables")
+    b.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {BENCHMARKS})")
+    b.add_argument("--quick", action="store_true", help="small sizes (passed on)")
+
+    sub.add_parser("presets", help="list the presets")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .data import DataError
+    from .presets import PresetError
+    from .train import CheckpointError, Interrupted, TrainingError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "align":
+            return _align(args)
+        if args.command == "bench":
+            return _bench(args)
+        return _list_presets()
+    except Interrupted as e:
+        _err(str(e))
+        return 128 + e.signum
+    except (PresetError, DataError, CheckpointError, TrainingError) as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted.")
+        return 130
+
+
+# -- shared ----------------------------------------------------------------------
+
+
+def _dataset(args, preset):
+    from .data import load_dataset
+
+    name = args.dataset or preset.dataset
+    data = load_dataset(name, data_dir=args.data_dir, seed=args.seed, download=args.download)
+    if args.train_limit:
+        data = data.subset(train=args.train_limit)
+    if preset.standardize:
+        data = data.standardized()
+    return data
+
+
+def _in_layout(data, preset):
+    from .presets import to_layout
+
+    return dataclasses.replace(
+        data,
+        x_train=to_layout(data.x_train, preset.layout),
+        x_test=to_layout(data.x_test, preset.layout),
+    )
+
+
+# -- train -----------------------------------------------------------------------
+
+
+def _train(args) -> int:
+    import jax
+
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    from .presets import get_preset
+    from .train import fit
+
+    preset = get_preset(args.preset)
+    estimator_name = args.estimator or preset.estimator
+    estimator = preset.make_estimator(estimator_name)
+    data = _in_layout(_dataset(args, preset), preset)
+    cfg = preset.train
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "eval_limit": args.eval_limit,
+    }
+    cfg = dataclasses.replace(
+        cfg,
+        seed=args.seed,
+        eval_solver=preset.eval_solver(),
+        channels_first=preset.layout == "nchw",
+        progress=False if args.no_progress else None,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    key = jax.random.PRNGKey(args.seed)
+    model = preset.model(jax.random.fold_in(key, 7), data.x_train.shape[1:], data.num_classes)
+    out = Path(args.out or f"runs/{preset.name}")
+    print(f"preset {preset.name}: {preset.summary}")
+    print(
+        f"training {type(model).__name__} with {estimator_name} on {data!r}; "
+        f"{cfg.epochs} epochs of batch {cfg.batch_size}; outputs in {out}"
+    )
+    info = {
+        "preset": preset.name,
+        "estimator": estimator_name,
+        "dataset": data.name,
+        "argv": sys.argv[1:],
+        "config": {k: repr(v) for k, v in dataclasses.asdict(cfg).items()},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    fit(model, estimator, data, cfg, out_dir=out, resume=args.resume, run_info=info)
+    return 0
+
+
+# -- align -----------------------------------------------------------------------
+
+
+def _align(args) -> int:
+    import jax
+
+    if not args.float32:
+        jax.config.update("jax_enable_x64", True)
+    import equinox as eqx
+    import jax.numpy as jnp
+    import numpy as np
+
+    from .data import batch_indices, epoch_order
+    from .diagnostics import gradient_alignment
+    from .presets import cast_floats, get_preset
+
+    preset = get_preset(args.preset)
+    data = _in_layout(_dataset(args, preset), preset)
+    dtype = jnp.float32 if args.float32 else jnp.float64
+    key = jax.random.PRNGKey(args.seed)
+    model = preset.model(jax.random.fold_in(key, 7), data.x_train.shape[1:], data.num_classes)
+    model = cast_floats(model, dtype)
+    idx = batch_indices(
+        epoch_order(jax.random.fold_in(key, 0), 0, len(data.x_train)),
+        0,
+        min(args.batch_size, len(data.x_train)),
+    )
+    x = jnp.asarray(data.x_train[idx], dtype)
+    y = jnp.asarray(data.y_train[idx])
+
+    @eqx.filter_jit
+    def run(est, m, x, y, k):
+        m = est.pre_step(m, x, y, key=k)
+        loss, grads, _ = est(m, x, y, key=k)
+        return loss, grads
+
+    ref_name = "backprop" if preset.family == "layered" else "rbp-implicit"
+    names = [n for n in preset.estimators() if n != ref_name]
+    t0 = time.perf_counter()
+    ref_loss, ref = run(preset.make_estimator(ref_name), model, x, y, key)
+    print(
+        f"preset {preset.name}: {type(model).__name__}, batch {len(x)} of {data.name}, "
+        f"{jnp.dtype(dtype).name}; reference {ref_name} (loss {float(ref_loss):.6f}, "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    results, reports = {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        est = preset.make_estimator(name)
+        _, g = run(est, model, x, y, key)
+        reports[name] = gradient_alignment(g, ref)
+        results[name] = {
+            "time_s": time.perf_counter() - t0,
+            "overall": _row(reports[name].overall),
+            "per_leaf": {k: _row(v) for k, v in reports[name].per_leaf.items()},
+        }
+    beta_note = f" (β = {preset.ep.beta})" if preset.ep is not None else ""
+    print(f"\nalignment with {ref_name}{beta_note}:")
+    head = (
+        f"{'estimator':<16} {'angle°':>8} {'cosine':>9} {'rel.err':>10} {'‖ĝ‖/‖g‖':>8} {'sign':>6}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for name, rep in reports.items():
+        a = rep.overall
+        print(
+            f"{name:<16} {a.angle:>8.3f} {a.cosine:>9.5f} {a.rel_error:>10.3e} "
+            f"{a.norm_ratio:>8.4f} {a.sign_agreement:>6.3f}"
+        )
+    for name, rep in reports.items():
+        print(f"\n{name}, per layer:\n{rep}")
+
+    sweep = {}
+    if preset.family == "energy":
+        for name in (n for n in names if n.startswith("ep-")):
+            sweep[name] = []
+            for beta in args.betas:
+                est = preset.make_estimator(name, beta=jnp.asarray(beta, dtype))
+                _, g = run(est, model, x, y, key)
+                rep = gradient_alignment(g, ref)
+                sweep[name].append(
+                    {
+                        "beta": beta,
+                        "overall": rep.overall.angle,
+                        "per_leaf": {k: v.angle for k, v in rep.per_leaf.items()},
+                    }
+                )
+        print("\nangle° against β (overall):")
+        print(f"{'estimator':<16}" + "".join(f"{b:>10.3g}" for b in args.betas))
+        for name, rows in sweep.items():
+            print(f"{name:<16}" + "".join(f"{r['overall']:>10.3f}" for r in rows))
+
+    out = Path(args.out or f"runs/align-{preset.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "alignment.json").write_text(
+        json.dumps(
+            {
+                "preset": preset.name,
+                "reference": ref_name,
+                "estimators": results,
+                "beta_sweep": sweep,
+            },
+            indent=2,
+            default=float,
+        )
+        + "\n"
+    )
+    written = [out / "alignment.json"]
+    if not args.no_plot:
+        written += _plots(out, reports, sweep, np)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _row(a) -> dict:
+    return {
+        "angle": a.angle,
+        "cosine": a.cosine,
+        "rel_error": a.rel_error,
+        "norm_ratio": a.norm_ratio,
+        "sign_agreement": a.sign_agreement,
+    }
+
+
+def _plots(out: Path, reports, sweep, np) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'eqprop_jax[plot]').")
+        return []
+    written = []
+    if sweep:
+        leaves = list(next(iter(sweep.values()))[0]["per_leaf"])
+        panels = ["overall", *leaves]
+        cols = min(3, len(panels))
+        rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, panel in zip(axes.flat, panels, strict=False):
+            for name, pts in sweep.items():
+                betas = [p["beta"] for p in pts]
+                vals = [p["overall"] if panel == "overall" else p["per_leaf"][panel] for p in pts]
+                ax.loglog(betas, np.maximum(vals, 1e-6), "o-", label=name)
+            ax.set_title(panel, fontsize=9)
+            ax.set_xlabel("β")
+            ax.set_ylabel("angle to reference (°)")
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "angle_vs_beta.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "angle_vs_beta.png")
+    names = list(reports)
+    leaves = list(reports[names[0]].per_leaf)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(leaves) * len(names) / 2), 3.6))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [reports[name].per_leaf[leaf].angle for leaf in leaves]
+        ax.bar(np.arange(len(leaves)) + i * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(leaves)) + 0.4 - width / 2, leaves, rotation=30, fontsize=8)
+    ax.set_ylabel("angle to reference (°)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "angle_per_layer.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "angle_per_layer.png")
+    return written
+
+
+# -- bench -----------------------------------------------------------------------
+
+
+def _bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        _err(f"no benchmarks folder at {root}; `bench` runs from a source checkout.")
+        return 1
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        _err(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}.")
+        return 1
+    status = 0
+    for name in names:
+        path = root / f"{name}.py"
+        print(f"\n== benchmarks/{name}.py {'--quick' if args.quick else ''}".rstrip())
+        if not path.exists():
+            print("   (not available in this checkout)")
+            continue
+        sys.path.insert(0, str(root))
+        try:
+            spec = importlib.util.spec_from_file_location(f"_eqprop_bench_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module.main(["--quick"] if args.quick else [])
+        except SystemExit as e:
+            if e.code not in (0, None):
+                status = 1
+        except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the rest
+            print(f"   failed: {type(e).__name__}: {e}")
+            status = 1
+        finally:
+            sys.path.remove(str(root))
+    return status
+
+
+# -- presets ---------------------------------------------------------------------
+
+
+def _list_presets() -> int:
+    from .presets import PRESETS
+
+    for p in PRESETS.values():
+        print(f"{p.name:<26} {p.dataset:<9} {p.estimator:<12} {p.summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Named training set-ups: the papers' settings and the embedded default.
+
+Each preset names a dataset, builds a model and the estimators that apply to it,
+and carries the training settings. Models and estimators are imported when a
+preset is used, so a preset whose pieces are missing fails with a message
+instead of breaking the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from .estimators.base import Estimator
+from .train.loop import TrainConfig
+
+
+class PresetError(ValueError):
+    """An unknown preset or estimator, or a preset whose model is not available."""
+
+
+def _load(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(f"eqprop_jax.{module}"), name)
+    except (ImportError, AttributeError) as e:
+        raise PresetError(
+            f"eqprop_jax.{module}.{name} is not available in this installation ({e})."
+        ) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class EPSettings:
+    """Equilibrium Propagation phases: β, the default variant and the step counts."""
+
+    beta: float
+    variant: str = "centered"
+    free_steps: int = 20
+    nudged_steps: int = 8
+    random_sign: bool = False
+    n_points: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named set-up.
+
+    `family` is "energy" (models trained by EP, BPTT or recurrent backprop) or
+    "layered" (feedforward nets with feedback layers, trained by DTP or backprop).
+    `layout` is the input layout the model wants: "flat" vectors, or "nchw" images.
+    """
+
+    name: str
+    summary: str
+    dataset: str
+    family: str
+    build_model: Callable[[PRNGKeyArray, tuple[int, ...], int], Any]
+    estimator: str
+    train: TrainConfig
+    layout: str = "flat"
+    standardize: bool = False
+    ep: EPSettings | None = None
+    dtp: dict | None = None
+    holomorphic: bool = False
+
+    def model(self, key: PRNGKeyArray, input_shape: tuple[int, ...], num_classes: int = 10):
+        """The preset's model for inputs of `input_shape` (in the preset's layout)."""
+        return self.build_model(key, tuple(input_shape), num_classes)
+
+    def estimators(self) -> tuple[str, ...]:
+        """Names of the estimators that apply to this preset's model."""
+        if self.family == "layered":
+            return ("dtp-ldrl", "dtp-drl", "dtp-lee", "backprop")
+        names = ["ep-centered", "ep-positive", "ep-negative"]
+        if self.holomorphic:
+            names.append("ep-holomorphic")
+        return (*names, "bptt", "rbp", "rbp-implicit")
+
+    def make_estimator(self, name: str | None = None, *, beta: float | None = None) -> Estimator:
+        name = name or self.estimator
+        if name not in self.estimators():
+            raise PresetError(
+                f"estimator {name!r} does not apply to preset {self.name!r}; choose one of: "
+                f"{', '.join(self.estimators())}."
+            )
+        if self.family == "layered":
+            if name == "backprop":
+                return Backprop()
+            dtp = _load("estimators.dtp", "DTP")
+            return dtp(variant=name.split("-", 1)[1], **(self.dtp or {}))
+        ep = self.ep
+        if name.startswith("ep-"):
+            cls = _load("estimators.ep", "EquilibriumProp")
+            variant = name[3:]
+            return cls(
+                beta=ep.beta if beta is None else beta,
+                variant=variant,
+                free_steps=ep.free_steps,
+                nudged_steps=ep.nudged_steps,
+                random_sign=ep.random_sign and variant == ep.variant,
+                n_points=ep.n_points,
+            )
+        picard = _load("solvers.picard", "Picard")
+        if name == "bptt":
+            return _load("estimators.bptt", "BPTT")(steps=ep.free_steps)
+        rbp = _load("estimators.rbp", "RecurrentBackprop")
+        if name == "rbp":
+            adjoint = _load("adjoints", "AlmeidaPineda")(tol=0.0, max_steps=ep.free_steps)
+            return rbp(adjoint=adjoint, solver=picard(tol=0.0, max_steps=ep.free_steps))
+        # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
+        implicit = _load("adjoints", "Implicit")
+        return rbp(adjoint=implicit(tol=1e-10), solver=picard(tol=1e-10, max_steps=5000))
+
+    def eval_solver(self):
+        if self.family == "energy" and self.ep is not None:
+            return _load("solvers.picard", "Picard")(tol=0.0, max_steps=self.ep.free_steps)
+        return None
+
+
+class Backprop(Estimator):
+    """Plain autodiff of the batch-mean cross-entropy of a feedforward `model(x)`."""
+
+    def __call__(self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None):
+        def loss_fn(m):
+            logits = jax.vmap(m)(x)
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), logits
+
+        (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+        return loss, grads, {"predictions": logits}
+
+
+# -- model builders (imports happen when a preset is used) --------------------------
+
+
+def _hopfield(sizes, **kw):
+    def build(key, input_shape, num_classes):
+        cls = _load("models.hopfield", "HopfieldMLP")
+        return cls((int(np.prod(input_shape)), *sizes[1:-1], num_classes), key=key, **kw)
+
+    return build
+
+
+def _conv_hopfield(channels, kernel, **kw):
+    def build(key, input_shape, num_classes):
+        cls = _load("models.conv_hopfield", "ConvHopfield")
+        return cls(input_shape, channels, kernel, num_classes, key=key, **kw)
+
+    return build
+
+
+def _resistive(sizes, **kw):
+    def build(key, input_shape, num_classes):
+        cls = _load("models.resistive", "ResistiveNetwork")
+        return cls((int(np.prod(input_shape)), *sizes[1:-1], num_classes), key=key, **kw)
+
+    return build
+
+
+def _simple_vgg(key, input_shape, num_classes):
+    cls = _load("models.layered", "LayeredNet")
+    return cls.simple_vgg(key=key, input_shape=input_shape, num_classes=num_classes)
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _register(p: Preset) -> None:
+    PRESETS[p.name] = p
+
+
+_register(
+    Preset(
+        name="default",
+        summary=(
+            "HopfieldMLP 64-256-10 (prototypical, sigmoid4, MSE) on the embedded 8x8 digits, "
+            "centered EP β 0.2, T 20/8; a CPU-minute demonstration."
+        ),
+        dataset="digits",
+        family="energy",
+        build_model=_hopfield((64, 256, 10), dynamics="prototypical"),
+        estimator="ep-centered",
+        ep=EPSettings(beta=0.2, variant="centered", free_steps=20, nudged_steps=8),
+        train=TrainConfig(epochs=30, batch_size=16, lr=0.5, schedule="cosine"),
+        holomorphic=True,
+    )
+)
+
+_register(
+    Preset(
+        name="scellier2017-1h",
+        summary=(
+            "Scellier & Bengio 2017, MNIST 784-500-10: Hopfield energy, hard sigmoid, "
+            "T 20/4, β 0.5 with random sign, lrs 0.1/0.05, batch 20, 25 epochs "
+            "(paper: ~2-3% test error)."
+        ),
+        dataset="mnist",
+        family="energy",
+        build_model=_hopfield((784, 500, 10), dynamics="gradient", activation="hard_sigmoid"),
+        estimator="ep-positive",
+        ep=EPSettings(
+            beta=0.5, variant="positive", free_steps=20, nudged_steps=4, random_sign=True
+        ),
+        train=TrainConfig(epochs=25, batch_size=20, lr=(0.1, 0.05)),
+    )
+)
+
+_register(
+    Preset(
+        name="ernoult2019-p1h",
+        summary=(
+            "Ernoult et al. 2019 P-1h, MNIST 784-512-10: prototypical dynamics, "
+            "σ(x)=1/(1+e^{-4(x-1/2)}), T 40/15, β 0.1, lrs 0.08/0.04, batch 20, 30 epochs "
+            "(paper: ~2% test error)."
+        ),
+        dataset="mnist",
+        family="energy",
+        build_model=_hopfield((784, 512, 10), dynamics="prototypical", activation="sigmoid4"),
+        estimator="ep-positive",
+        ep=EPSettings(beta=0.1, variant="positive", free_steps=40, nudged_steps=15),
+        train=TrainConfig(epochs=30, batch_size=20, lr=(0.08, 0.04)),
+        holomorphic=True,
+    )
+)
+
+_register(
+    Preset(
+        name="ernoult2019-pconv",
+        summary=(
+            "Ernoult et al. 2019 P-conv, MNIST: 5x5 convs 1->32->64 with 2x2 max-pool, fc 10, "
+            "hard sigmoid, T 200/10, β 0.4 (paper: ~1% test error). Learning rates "
+            "(0.015, 0.035, 0.15 from input to output), batch 128 and 40 epochs are ours."
+        ),
+        dataset="mnist",
+        family="energy",
+        layout="nchw",
+        build_model=_conv_hopfield((32, 64), 5, activation="hard_sigmoid"),
+        estimator="ep-positive",
+        ep=EPSettings(beta=0.4, variant="positive", free_steps=200, nudged_steps=10),
+        train=TrainConfig(epochs=40, batch_size=128, lr=(0.015, 0.035, 0.15)),
+    )
+)
+
+_register(
+    Preset(
+        name="laborieux2021-cifar10",
+        summary=(
+            "Laborieux et al. 2021, CIFAR-10: convs 128-256-512-512 3x3 with max-pool, "
+            "clip(x/2,0,1), cross-entropy readout, centered EP β 1.0, T 250/30, SGD momentum "
+            "0.9, lrs .25/.15/.1/.08/.05, weight decay 3e-4, batch 128, cosine schedule, random "
+            "crop+flip (paper: 88.3% test). 120 epochs is our choice."
+        ),
+        dataset="cifar10",
+        family="energy",
+        layout="nchw",
+        standardize=True,
+        build_model=_conv_hopfield(
+            (128, 256, 512, 512), 3, paddings=1, activation="clip_half", cost="ce"
+        ),
+        estimator="ep-centered",
+        ep=EPSettings(beta=1.0, variant="centered", free_steps=250, nudged_steps=30),
+        train=TrainConfig(
+            epochs=120,
+            batch_size=128,
+            lr=(0.25, 0.15, 0.1, 0.08, 0.05),
+            momentum=0.9,
+            weight_decay=3e-4,
+            schedule="cosine",
+            augment=True,
+        ),
+    )
+)
+
+_register(
+    Preset(
+        name="scellier2024-drn-xs",
+        summary=(
+            "Scellier 2024 DRN-XS (Kendall size), MNIST 784x2-100-10x2 deep resistive network, "
+            "centered EP β 1, 4 sweeps per phase, SGD 0.006, batch 4, 10 epochs "
+            "(paper: 3.46% test error)."
+        ),
+        dataset="mnist",
+        family="energy",
+        build_model=_resistive((784, 100, 10)),
+        estimator="ep-centered",
+        ep=EPSettings(beta=1.0, variant="centered", free_steps=4, nudged_steps=4),
+        train=TrainConfig(epochs=10, batch_size=4, lr=0.006),
+    )
+)
+
+_register(
+    Preset(
+        name="ernoult2022-ldrl-cifar10",
+        summary=(
+            "Ernoult et al. 2022 L-DRL, CIFAR-10 SimpleVGG (5 conv3x3-ELU-maxpool blocks "
+            "128-128-256-256-512, linear 512->10), β 0.7, batch 128, 90 epochs, forward SGD "
+            "0.05 momentum 0.9 weight decay 1e-4 cosine; feedback lrs [1e-4, 3.5e-4, 8e-3, "
+            "8e-3, .18], σ [.4, .4, .2, .2, .08], iterations [20, 30, 35, 55, 20] "
+            "(paper: ~89% test)."
+        ),
+        dataset="cifar10",
+        family="layered",
+        layout="nchw",
+        standardize=True,
+        build_model=_simple_vgg,
+        estimator="dtp-ldrl",
+        dtp=dict(
+            beta=0.7,
+            feedback_lr=(1e-4, 3.5e-4, 8e-3, 8e-3, 0.18),
+            noise=(0.4, 0.4, 0.2, 0.2, 0.08),
+            feedback_steps=(20, 30, 35, 55, 20),
+        ),
+        train=TrainConfig(
+            epochs=90,
+            batch_size=128,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=1e-4,
+            schedule="cosine",
+            augment=True,
+            frozen=r"\.feedback",
+        ),
+    )
+)
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise PresetError(
+            f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}."
+        ) from None
+
+
+def to_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """NHWC images -> the layout a model wants ("flat" vectors or "nchw")."""
+    if layout == "flat":
+        return x.reshape(len(x), -1)
+    if layout == "nchw":
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if layout == "nhwc":
+        return x
+    raise PresetError(f"unknown layout {layout!r}.")
+
+
+def cast_floats(tree: PyTree, dtype) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
