@@ -11,6 +11,7 @@ from .adjoints import (
 )
 from .diagnostics import gradient_alignment
 from .estimators import BPTT, EquilibriumProp, Estimator, RecurrentBackprop
+from .estimators.dtp import DTP
 from .fixed_point import fixed_point
 from .models import DEQ, HopfieldMLP
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
@@ -39,4 +40,5 @@ __all__ = [
     "EquilibriumProp",
     "HopfieldMLP",
     "RecurrentBackprop",
+    "DTP",
 ]

@@ -1,5 +1,15 @@
 """Diagnostics: gradient alignment, EP = BPTT traces, EP <-> RBP traces, plots."""
 
 from .alignment import Alignment, AlignmentReport, angle, gradient_alignment
+from .dtp import dtp_alignment, gauss_newton_targets, plot_dtp_alignment, weight_alignment
 
-__all__ = ["Alignment", "AlignmentReport", "angle", "gradient_alignment"]
+__all__ = [
+    "Alignment",
+    "AlignmentReport",
+    "angle",
+    "gradient_alignment",
+    "dtp_alignment",
+    "gauss_newton_targets",
+    "plot_dtp_alignment",
+    "weight_alignment",
+]

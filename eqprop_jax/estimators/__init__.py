@@ -2,7 +2,8 @@
 
 from .base import Estimator
 from .bptt import BPTT
+from .dtp import DTP
 from .ep import EquilibriumProp
 from .rbp import RecurrentBackprop
 
-__all__ = ["Estimator", "BPTT", "EquilibriumProp", "RecurrentBackprop"]
+__all__ = ["Estimator", "BPTT", "EquilibriumProp", "RecurrentBackprop", "DTP"]

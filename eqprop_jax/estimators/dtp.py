@@ -1,0 +1,343 @@
+r"""Difference Target Propagation (Lee et al. 2015; DRL, Meulemans et al. 2020; L-DRL,
+Ernoult et al. 2022) as a gradient estimator for a [`eqprop_jax.models.LayeredNet`][].
+
+Targets (all three variants), per example:
+
+    t_N     = s_N − β ∇_{s_N} L(s_N, y)
+    t_{n−1} = s_{n−1} + G_n(t_n) − G_n(s_n)          (difference rule, n = N..2)
+
+and the forward weights θ_n of F_n follow the local loss
+(1/β) Σ_n ½‖F_n(sg(s_{n−1})) − sg(t_n)‖², whose gradient is returned as the estimate
+of dL/dθ: for the top layer it is exactly ∇_θ L, and for a lower layer it tends to
+∇_θ L as β → 0 when the feedback Jacobians J_{G_n} equal J_{F_n}ᵀ.
+
+The variants differ in how the feedback layers G_n are trained ([`DTP.pre_step`][]),
+with ε ~ N(0, σ_n² I) at s_{n−1} and η ~ N(0, σ_n² I) at s_n:
+
+- `"lee"`  (Lee et al. 2015): ‖G_n(F_n(s_{n−1} + ε)) − (s_{n−1} + ε)‖²
+  (G_n learns to invert F_n);
+- `"drl"`  (Meulemans et al. 2020): s_{n−1} + ε is run forward to the output, brought
+  back down to layer n−1 with the difference rule through G_N..G_n, and compared
+  with s_{n−1} + ε; plus λ‖G_n(s_n + η) − G_n(s_n)‖² (not local: it uses the layers
+  above);
+- `"ldrl"` (Ernoult et al. 2022, local difference reconstruction loss):
+  −2 εᵀ(G_n(F_n(s_{n−1} + ε)) − G_n(s_n)) + ‖G_n(s_n + η) − G_n(s_n)‖²,
+  whose expectation is, to second order in σ, σ²‖J_{G_n} − J_{F_n}ᵀ‖²_F + const:
+  it is minimised by Jacobian matching J_{G_n} = J_{F_n}ᵀ.
+
+Losses are summed over units and averaged over the batch. Each feedback layer takes
+`feedback_steps` plain SGD steps with fresh noise per step, the forward weights fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ..models.layered import LayeredNet
+from .base import Estimator
+
+_VARIANTS = ("lee", "drl", "ldrl")
+
+
+def cross_entropy(logits: Array, y: Array) -> Array:
+    """Softmax cross-entropy of one example; `y` an integer label or a probability vector."""
+    logp = jax.nn.log_softmax(logits)
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        return -logp[y]
+    return -jnp.sum(y * logp)
+
+
+def dtp_targets(
+    model: LayeredNet, states: list[Array], ctxs: list[Any], y: Array, beta: float
+) -> list[Array]:
+    """Targets [t_1, ..., t_N] of one example from its activations [s_0, ..., s_N].
+
+    t_N = s_N − β ∇L(s_N), t_{n−1} = s_{n−1} + G_n(t_n) − G_n(s_n).
+    """
+    n_layers = len(states) - 1
+    t = states[-1] - beta * jax.grad(cross_entropy)(states[-1], y)
+    targets = [t]
+    for n in range(n_layers, 1, -1):
+        g = lambda s, n=n: model.propagate(n, s, ctxs[n - 1])
+        t = states[n - 1] + g(t) - g(states[n])
+        targets.append(t)
+    return targets[::-1]
+
+
+def local_forward_loss(model: LayeredNet, states: list[Array], targets: list[Array]) -> Array:
+    """Σ_n ½‖F_n(sg(s_{n−1})) − sg(t_n)‖² for one example."""
+    total = 0.0
+    for n, f in enumerate(model.forward, start=1):
+        s, _ = f(jax.lax.stop_gradient(states[n - 1]))
+        total = total + 0.5 * jnp.sum((s - jax.lax.stop_gradient(targets[n - 1])) ** 2)
+    return total
+
+
+def ldrl_loss(forward_layer, feedback_layer, s_prev, s, ctx, eps, eta) -> Array:
+    """L-DRL of one example: −2εᵀ(G(F(s_prev + ε)) − G(s)) + ‖G(s + η) − G(s)‖²."""
+    g_s = feedback_layer(s, ctx)
+    s_noisy, _ = forward_layer(s_prev + eps)
+    rec = feedback_layer(s_noisy, ctx) - g_s
+    return -2.0 * jnp.sum(eps * rec) + jnp.sum((feedback_layer(s + eta, ctx) - g_s) ** 2)
+
+
+def lee_loss(forward_layer, feedback_layer, s_prev, ctx, eps) -> Array:
+    """Lee et al. 2015 reconstruction loss of one example: ‖G(F(s_prev + ε)) − (s_prev + ε)‖²."""
+    s_noisy, _ = forward_layer(s_prev + eps)
+    return jnp.sum((feedback_layer(s_noisy, ctx) - (s_prev + eps)) ** 2)
+
+
+def drl_loss(model: LayeredNet, n: int, feedback_layer, states, ctxs, eps, eta, lam) -> Array:
+    """DRL (Meulemans et al. 2020) of one example for G_n, with `feedback_layer` as G_n.
+
+    ‖t̃_{n−1} − (s_{n−1} + ε)‖² + λ‖G_n(s_n + η) − G_n(s_n)‖², where t̃ is s_{n−1} + ε run
+    forward to the output and back down with the difference rule.
+    """
+    n_layers = len(states) - 1
+    s = states[n - 1] + eps
+    for f in model.forward[n - 1 :]:
+        s, _ = f(s)
+    t = s
+    for k in range(n_layers, n - 1, -1):
+        g = feedback_layer if k == n else jax.lax.stop_gradient(model.feedback[k - 2])
+        t = states[k - 1] + g(t, ctxs[k - 1]) - g(states[k], ctxs[k - 1])
+    loss = jnp.sum((t - states[n - 1] - eps) ** 2)
+    g_s = feedback_layer(states[n], ctxs[n - 1])
+    return loss + lam * jnp.sum((feedback_layer(states[n] + eta, ctxs[n - 1]) - g_s) ** 2)
+
+
+def _as_tuple(name, value, count, kind):
+    if isinstance(value, (tuple, list)):
+        if len(value) != count:
+            raise ValueError(
+                f"DTP: `{name}` has {len(value)} entries but the model has {count} feedback "
+                f"layers (G_2..G_N)."
+            )
+        return tuple(kind(v) for v in value)
+    return (kind(value),) * count
+
+
+def _check_data(model, x, y, where):
+    if not isinstance(model, LayeredNet):
+        raise TypeError(f"DTP.{where}: the model must be a LayeredNet, got {type(model).__name__}.")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    shape = tuple(model.input_shape)
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise ValueError(
+            f"DTP.{where}: x must be a batch of shape (B, *{shape}), got {tuple(x.shape)}."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"DTP.{where}: x must be floating point, got dtype {x.dtype}.")
+    n_out = model.shapes[-1][0]
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        if y.shape != (x.shape[0],):
+            raise ValueError(
+                f"DTP.{where}: integer labels y must have shape ({x.shape[0]},), got {y.shape}."
+            )
+    elif y.shape != (x.shape[0], n_out):
+        raise ValueError(
+            f"DTP.{where}: y must be integer labels of shape ({x.shape[0]},) or target "
+            f"probabilities of shape ({x.shape[0]}, {n_out}), got {y.shape} ({y.dtype})."
+        )
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"DTP.{where}: x contains NaN or infinite values.")
+    return x, y
+
+
+class DTP(Estimator):
+    r"""Difference target propagation, `variant` "lee", "drl" or "ldrl" (default).
+
+    `loss, grads, aux = DTP(...)(model, x, y)` gives the batch-mean cross-entropy and
+    the DTP estimate of dL/dθ for the forward layers (module docstring; zeros for the
+    feedback leaves). `model = DTP(...).pre_step(model, x, y, key=key)` trains the
+    feedback layers on the batch and returns the updated model.
+
+    Args:
+        variant: feedback loss, "lee" (Lee et al. 2015), "drl" (Meulemans et al. 2020)
+            or "ldrl" (Ernoult et al. 2022).
+        beta: target step β > 0 (the paper uses 0.7; β → 0 compares with backprop).
+        feedback_steps: SGD steps K_n per batch for each feedback layer (int or one per
+            feedback layer G_2..G_N, bottom to top).
+        noise: σ_n > 0 of the noise ε, η (scalar or one per feedback layer).
+        feedback_lr: SGD learning rate of the feedback weights (scalar or per layer).
+        drl_lambda: weight λ ≥ 0 of DRL's regulariser ‖G(s+η) − G(s)‖².
+    """
+
+    variant: str = eqx.field(static=True, default="ldrl")
+    beta: float = eqx.field(static=True, default=0.7)
+    feedback_steps: int | tuple[int, ...] = eqx.field(static=True, default=1)
+    noise: float | tuple[float, ...] = eqx.field(static=True, default=0.1)
+    feedback_lr: float | tuple[float, ...] = eqx.field(static=True, default=0.1)
+    drl_lambda: float = eqx.field(static=True, default=0.0)
+
+    def __check_init__(self):
+        if self.variant not in _VARIANTS:
+            raise ValueError(f"DTP: variant must be one of {_VARIANTS}, got {self.variant!r}.")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"DTP: beta must be a finite number > 0, got {self.beta}.")
+        for name, strict in (("noise", True), ("feedback_lr", False)):
+            vals = getattr(self, name)
+            for v in vals if isinstance(vals, (tuple, list)) else (vals,):
+                if not math.isfinite(v) or (v <= 0 if strict else v < 0):
+                    what = "noise σ" if name == "noise" else name
+                    rel = "> 0" if strict else ">= 0"
+                    raise ValueError(f"DTP: {what} must be finite and {rel}, got {vals}.")
+        steps = self.feedback_steps
+        for v in steps if isinstance(steps, (tuple, list)) else (steps,):
+            if int(v) != v or v < 0:
+                raise ValueError(f"DTP: feedback_steps must be integers >= 0, got {steps}.")
+        if not (math.isfinite(self.drl_lambda) and self.drl_lambda >= 0):
+            raise ValueError(f"DTP: drl_lambda must be >= 0, got {self.drl_lambda}.")
+
+    def _layer_settings(self, model: LayeredNet):
+        count = len(model.feedback)
+        return (
+            _as_tuple("feedback_steps", self.feedback_steps, count, int),
+            _as_tuple("noise", self.noise, count, float),
+            _as_tuple("feedback_lr", self.feedback_lr, count, float),
+        )
+
+    def __call__(
+        self, model: LayeredNet, x: Array, y: Array, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Array, PyTree, dict]:
+        x, y = _check_data(model, x, y, "__call__")
+        return _estimate(self, model, x, y)
+
+    def pre_step(
+        self, model: LayeredNet, x: Array, y: Array, *, key: PRNGKeyArray | None = None
+    ) -> LayeredNet:
+        """Train the feedback layers on this batch (K_n SGD steps each); returns the model."""
+        x, y = _check_data(model, x, y, "pre_step")
+        self._layer_settings(model)
+        if key is None:
+            raise ValueError("DTP.pre_step needs a `key` for the feedback noise ε, η.")
+        return _train_feedback(self, model, x, key)
+
+    def feedback_losses(self, model: LayeredNet, x: Array, *, key: PRNGKeyArray) -> Array:
+        """Batch-mean feedback loss of each G_2..G_N (for monitoring), one noise draw."""
+        x, _ = _check_data(model, x, jnp.zeros((len(x),), jnp.int32), "feedback_losses")
+        return _feedback_losses(self, model, x, key)
+
+
+def _layer_loss(est: DTP, model, n, g, states, ctxs, eps, eta):
+    """Batch-mean feedback loss of G_n (given as `g`) with noise (B, ...) arrays."""
+    if est.variant == "ldrl":
+        f = model.forward[n - 1]
+        per = jax.vmap(lambda sp, s, c, e, h: ldrl_loss(f, g, sp, s, c, e, h))(
+            states[n - 1], states[n], ctxs[n - 1], eps, eta
+        )
+    elif est.variant == "lee":
+        f = model.forward[n - 1]
+        per = jax.vmap(lambda sp, c, e: lee_loss(f, g, sp, c, e))(states[n - 1], ctxs[n - 1], eps)
+    else:
+        per = jax.vmap(lambda st, cs, e, h: drl_loss(model, n, g, st, cs, e, h, est.drl_lambda))(
+            states, ctxs, eps, eta
+        )
+    return jnp.mean(per)
+
+
+def _noise(key, n, states, sigma):
+    k1, k2 = jax.random.split(key)
+    eps = sigma * jax.random.normal(k1, states[n - 1].shape, states[n - 1].dtype)
+    eta = sigma * jax.random.normal(k2, states[n].shape, states[n].dtype)
+    return eps, eta
+
+
+@eqx.filter_jit
+def _train_feedback(est: DTP, model: LayeredNet, x: Array, key: PRNGKeyArray) -> LayeredNet:
+    steps, sigmas, lrs = est._layer_settings(model)
+    frozen = jax.lax.stop_gradient(model)
+    states, ctxs = jax.vmap(frozen.activations)(x)
+    new_feedback = list(model.feedback)
+    # Layers with the same K_n share one scan (one compiled loop for the usual single K).
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(steps):
+        if k > 0:
+            groups.setdefault(k, []).append(i)
+    for g_idx, (k_steps, layers) in enumerate(sorted(groups.items())):
+        parts = [eqx.partition(model.feedback[i], eqx.is_inexact_array) for i in layers]
+        params = [part[0] for part in parts]
+
+        def sgd(params, k, layers=layers, parts=parts):
+            keys = jax.random.split(k, len(layers))
+            out = []
+            for j, i in enumerate(layers):
+                n, static = i + 2, parts[j][1]
+                eps, eta = _noise(keys[j], n, states, sigmas[i])
+                grad = jax.grad(
+                    lambda p, n=n, static=static, eps=eps, eta=eta: _layer_loss(
+                        est, frozen, n, eqx.combine(p, static), states, ctxs, eps, eta
+                    )
+                )(params[j])
+                out.append(jax.tree.map(lambda p, g, i=i: p - lrs[i] * g, params[j], grad))
+            return out, None
+
+        params, _ = jax.lax.scan(
+            sgd, params, jax.random.split(jax.random.fold_in(key, g_idx), k_steps)
+        )
+        for j, i in enumerate(layers):
+            new_feedback[i] = eqx.combine(params[j], parts[j][1])
+    return eqx.tree_at(lambda m: m.feedback, model, tuple(new_feedback))
+
+
+@eqx.filter_jit
+def _feedback_losses(est: DTP, model: LayeredNet, x: Array, key: PRNGKeyArray) -> Array:
+    _, sigmas, _ = est._layer_settings(model)
+    states, ctxs = jax.vmap(model.activations)(x)
+    keys = jax.random.split(key, max(len(model.feedback), 1))
+    out = []
+    for i, n in enumerate(range(2, model.num_layers + 1)):
+        eps, eta = _noise(keys[i], n, states, sigmas[i])
+        out.append(_layer_loss(est, model, n, model.feedback[i], states, ctxs, eps, eta))
+    return jnp.stack(out) if out else jnp.zeros((0,))
+
+
+def dtp_gradients(model: LayeredNet, x: Array, y: Array, beta: float) -> tuple[Array, PyTree, dict]:
+    """Batch-mean loss, DTP estimate (1/β)·∇_θ Σ_n ½‖F_n(s_{n−1}) − t_n‖² and aux (no checks)."""
+    states, ctxs = jax.vmap(model.activations)(x)
+    targets = jax.vmap(lambda st, cs, yy: dtp_targets(model, st, cs, yy, beta))(states, ctxs, y)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def local(p):
+        m = eqx.combine(p, static)
+        return jnp.mean(jax.vmap(lambda st, tg: local_forward_loss(m, st, tg))(states, targets))
+
+    grads = jax.grad(local)(params)
+    grads = jax.tree.map(lambda g: g / beta, grads)
+    logits = states[-1]
+    loss = jnp.mean(jax.vmap(cross_entropy)(logits, y))
+    layer_dist = jnp.stack(
+        [
+            jnp.mean(jnp.sum((s - t).reshape(len(x), -1) ** 2, -1))
+            for s, t in zip(states[1:], targets, strict=True)
+        ]
+    )
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    else:
+        acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(y, -1))
+    aux = {"accuracy": acc, "target_distance": layer_dist / beta**2, "logits": logits}
+    return loss, grads, aux
+
+
+@eqx.filter_jit
+def _estimate(est: DTP, model: LayeredNet, x: Array, y: Array):
+    return dtp_gradients(model, x, y, est.beta)
+
+
+__all__ = [
+    "DTP",
+    "cross_entropy",
+    "drl_loss",
+    "dtp_gradients",
+    "dtp_targets",
+    "ldrl_loss",
+    "lee_loss",
+    "local_forward_loss",
+]
