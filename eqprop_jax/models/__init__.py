@@ -4,6 +4,5 @@ from .deq import DEQ
 from .energy import EnergyModel
 from .hopfield import HopfieldMLP
 from .layered import LayeredNet
-from .resistive import ResistiveNetwork
 
-__all__ = ["DEQ", "EnergyModel", "HopfieldMLP", "ResistiveNetwork", "LayeredNet"]
+__all__ = ["DEQ", "EnergyModel", "HopfieldMLP", "LayeredNet"]
