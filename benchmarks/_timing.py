@@ -1,0 +1,146 @@
+"""Shared timing helpers for the benchmarks: compile time apart from steady state.
+
+`time_jitted(fn, *args)` compiles `jax.jit(fn)` ahead of time (trace + lower +
+XLA compile, timed together) and then times the compiled executable alone, each
+call ended by `jax.block_until_ready`, reporting the median of the repeats. The
+CPU is shared, so the median (not the mean) is the figure to quote, together
+with the load average that `machine_info()` records.
+
+`interleaved(calls, rounds)` times several compiled calls round-robin, which is
+fairer than one after the other when other jobs come and go on the machine.
+
+`matmul_gflops(m, k, n)` measures this machine's float32 matmul rate at one
+shape, so a benchmark can say how far a solver is from being matmul-bound.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Compile time (s), steady-state median and min (s), and number of timed runs."""
+
+    compile_s: float
+    median_s: float
+    min_s: float
+    runs: int
+
+    def __str__(self) -> str:
+        return (
+            f"compile {self.compile_s:.3f} s, median {self.median_s * 1e3:.2f} ms "
+            f"(min {self.min_s * 1e3:.2f} ms, {self.runs} runs)"
+        )
+
+
+def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
+    """`jax.jit(fn)` compiled ahead of time for `args`, and the seconds that took
+    (trace + lower + XLA compile)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def run_once(compiled: Callable[..., Any], *args: Any) -> float:
+    """Seconds of one call of `compiled(*args)`, ended by `jax.block_until_ready`."""
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t
+
+
+def interleaved(
+    calls: dict[str, tuple[Callable[..., Any], tuple]], rounds: int
+) -> dict[str, list[float]]:
+    """Time several compiled calls round-robin, `rounds` times each (after one
+    untimed warm-up call each), so that a change in the load of a shared machine
+    hits every call alike rather than whichever happened to run then."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, (fn, args) in calls.items():
+            times[k].append(run_once(fn, *args))
+    return times
+
+
+def summarize(compile_s: float, times: list[float]) -> Timing:
+    return Timing(compile_s, statistics.median(times), min(times), len(times))
+
+
+def time_jitted(
+    fn: Callable[..., Any],
+    *args: Any,
+    min_runs: int = 3,
+    max_runs: int = 50,
+    min_time: float = 1.0,
+) -> tuple[Timing, Any]:
+    """Time `jax.jit(fn)(*args)`: compile once, then repeat until `min_time` seconds.
+
+    Runs at least `min_runs` and at most `max_runs` timed calls after one untimed
+    warm-up call. Returns the `Timing` and the output of the last call.
+    """
+    compiled, compile_s = compile_timed(fn, *args)
+    out = jax.block_until_ready(compiled(*args))  # warm-up: first-touch allocations
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (
+        len(times) < min_runs or time.perf_counter() - start < min_time
+    ):
+        times.append(run_once(compiled, *args))
+    return summarize(compile_s, times), out
+
+
+def matmul_gflops(m: int, k: int, n: int, *, chain: int = 100, min_time: float = 0.5) -> float:
+    """Measured float32 GFLOP/s of an (m, k) @ (k, n) matmul on the default device.
+
+    `chain` dependent matmuls run inside one `lax.fori_loop` (x <- x @ Q with Q
+    orthogonal, so values stay bounded and XLA cannot hoist the product out of the
+    loop): this is the rate a jitted solver loop can reach, without the per-call
+    dispatch cost that dominates a single small matmul. Needs k == n.
+    """
+    if k != n:
+        raise ValueError(f"matmul_gflops chains x <- x @ Q, so k must equal n; got {k}, {n}.")
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    q = jnp.asarray(np.linalg.qr(rng.standard_normal((k, n)))[0], jnp.float32)
+
+    def chained(a, q):
+        return jax.lax.fori_loop(0, chain, lambda _, x: x @ q, a)
+
+    timing, _ = time_jitted(chained, a, q, min_runs=5, max_runs=200, min_time=min_time)
+    # The minimum, not the median: on a shared CPU, load only ever adds time.
+    return 2.0 * m * k * n * chain / timing.min_s / 1e9
+
+
+def load_average() -> str:
+    """The `uptime` line (the CPU is shared, so say how loaded it was)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine_info() -> dict[str, str]:
+    """Platform, CPU count, JAX version and device, and the load average now."""
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "device": f"{dev.platform} ({dev.device_kind})",
+        "uptime": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
