@@ -56,8 +56,8 @@ def _validate(f, z0, args, solver, adjoint):
     z_struct = jax.eval_shape(lambda z: z, z0)
     try:
         out_struct = jax.eval_shape(f, z0, args)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise type(e)(f"fixed_point: calling f(z0, args) failed: {e}") from e
+    except Exception as e:
+        raise ValueError(f"fixed_point: calling f(z0, args) failed: {type(e).__name__}: {e}") from e
     if jtu.tree_structure(out_struct) != jtu.tree_structure(z_struct):
         raise ValueError(
             "fixed_point: f(z0, args) must return a pytree with the structure of z0; got "

@@ -41,7 +41,8 @@ class Broyden(AbstractSolver):
     back to plain iteration.
 
     Args:
-        history: rank-one updates kept (>= 1); older ones are overwritten.
+        history: rank-one updates kept (>= 1); when full, the memory restarts from
+            B = -I.
         tol, rtol, max_steps, divergence: see [`eqprop_jax.AbstractSolver`][].
     """
 
@@ -70,10 +71,18 @@ class Broyden(AbstractSolver):
             & (jnp.abs(den) > 1e3 * jnp.finfo(jnp.real(den).dtype).eps * scale)
             & jnp.all(jnp.isfinite(v_new))
         )
+        # A full memory restarts from B = -I (before this update): overwriting the
+        # oldest pair instead leaves an inconsistent B that can stall the iteration.
+        full = ok & (count >= self.history)
+        us = jnp.where(full, 0, us)
+        vs = jnp.where(full, 0, vs)
+        count = jnp.where(full, 0, count)
+        b_dg = jnp.where(full, -dg, b_dg)
+        v_new = jnp.where(full, -dz, v_new)
+        den = jnp.where(full, -(dz @ dg), den)
         u_new = (dz - b_dg) / jnp.where(ok, den, 1)
-        idx = count % self.history
-        us = jnp.where(ok, us.at[idx].set(u_new), us)
-        vs = jnp.where(ok, vs.at[idx].set(v_new), vs)
+        us = jnp.where(ok, us.at[count].set(u_new), us)
+        vs = jnp.where(ok, vs.at[count].set(v_new), vs)
         count = count + ok.astype(count.dtype)
         z_new = z - _apply(us, vs, g)
         z_new = jnp.where(jnp.all(jnp.isfinite(z_new)), z_new, fz)
