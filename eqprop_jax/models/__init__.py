@@ -4,5 +4,6 @@ from .deq import DEQ
 from .energy import EnergyModel
 from .hopfield import HopfieldMLP
 from .layered import LayeredNet
+from .resistive import ResistiveNetwork
 
-__all__ = ["DEQ", "EnergyModel", "HopfieldMLP", "LayeredNet"]
+__all__ = ["DEQ", "EnergyModel", "HopfieldMLP", "ResistiveNetwork", "LayeredNet"]

@@ -1,0 +1,443 @@
+r"""Deep resistive networks: conductances, ideal diodes and an exact coordinate-descent sweep.
+
+Kendall et al. 2020 ("Training end-to-end analog neural networks with equilibrium
+propagation") build networks whose weights are conductances g ≥ 0 and whose
+nonlinearities are diodes; Scellier 2024 ("A fast algorithm to simulate nonlinear
+resistive networks") simulates them exactly: the steady state minimises the power
+dissipated under the diodes' bounds (a convex QP), and in a layered network block
+coordinate descent solves each layer in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
+
+from .._solution import Solution
+from ..adjoints import AbstractAdjoint
+from ..solvers.base import AbstractSolver
+from .energy import EnergyModel
+
+Interval = tuple[float, float]
+
+
+def _is_tracer(a: Any) -> bool:
+    return isinstance(a, jax.core.Tracer)
+
+
+def _check_interval(name: str, bounds: Interval) -> Interval:
+    if len(bounds) != 2:
+        raise ValueError(f"ResistiveNetwork: `{name}` must be a (lower, upper) pair, got {bounds}.")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"ResistiveNetwork: `{name}` bounds hold NaN: {bounds}.")
+    if lo > hi:
+        raise ValueError(
+            f"ResistiveNetwork: `{name}` lower bound {lo} is above its upper bound {hi}."
+        )
+    return lo, hi
+
+
+def _check_conductances(name: str, g: Array, shape: tuple[int, ...]) -> None:
+    if tuple(g.shape) != shape:
+        raise ValueError(f"ResistiveNetwork: {name} must have shape {shape}, got {g.shape}.")
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+        raise TypeError(f"ResistiveNetwork: {name} must be a real floating array, got {g.dtype}.")
+    if _is_tracer(g):
+        return
+    a = np.asarray(g)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"ResistiveNetwork: {name} holds NaN or inf conductances.")
+    if np.any(a < 0):
+        raise ValueError(
+            f"ResistiveNetwork: {name} holds negative conductances (min {a.min():.3g}); "
+            "conductances must be >= 0 (see `ResistiveNetwork.project`)."
+        )
+
+
+class ResistiveNetwork(EnergyModel):
+    r"""A layered deep resistive network (DRN) of conductances and ideal diodes.
+
+    Layers: the input layer holds 2·n_in voltage sources (+g_in·x, −g_in·x), so that
+    non-negative conductances can still realise both signs (Kendall et al. 2020);
+    then hidden layers whose first half of nodes is *excitatory* (a diode to ground
+    keeps V ≥ 0) and second half *inhibitory* (V ≤ 0); then an output layer of two
+    nodes per class (no diodes by default), read as o_k = V_{k+} − V_{k−}. Each
+    non-input node is tied to a rail at +V_b and a rail at −V_b through its bias
+    conductances. Every conductance is ≥ 0.
+
+    The state s = (V_1, ..., V_L) holds the free node voltages (hidden layers, then
+    the output layer). The energy is the power dissipated,
+
+        E(s, x) = P(V) = ½ Σ_l Σ_ij G^l_ij (V^l_i − V^{l+1}_j)²
+                       + ½ Σ_j [b⁺_j (V_j − V_b)² + b⁻_j (V_j + V_b)²],
+
+    and the cost is C = ½ Σ_o (V_o − T_o)² with targets T = (+y/2, −y/2)·v_t for the
+    two halves of the output layer (so the prediction o aims at v_t·y). Nudging with
+    β ≥ 0 is a conductance β tying each output node to its target voltage: F = P + βC
+    is again a power. The steady state minimises F over the box the diodes allow —
+    a convex QP; Kirchhoff's current law ∂F/∂V_j = 0 holds at every node off its
+    bounds.
+
+    `step` is one exact block coordinate-descent sweep (Scellier 2024): with every
+    other voltage fixed, F is a 1-D quadratic in V_j minimised at the conductance-
+    weighted mean of its neighbours, then clipped to the diode bounds,
+
+        V_j ← clip((Σ_i g_ij V_i + I_j) / Σ_i g_ij, lo_j, hi_j),
+
+    and since a layered net is bipartite, all even layers are updated together, then
+    all odd layers (state index: first hidden layer = 0). The sweep's fixed point is
+    the QP's minimiser, so `relax` (Picard on `step`) serves EquilibriumProp, and
+    `fixed_point` on the same sweep serves RecurrentBackprop and BPTT.
+
+    Parameters (the model's floating arrays): `weights[l]` of shape (n_l, n_{l+1})
+    and `biases[l]` of shape (2, n_{l+1}) (rows: to +V_b, to −V_b). Keep them ≥ 0
+    after each optimiser update with `model = model.project()` (or
+    [`eqprop_jax.models.resistive.clip_conductances`][] on any pytree holding
+    networks); `relax` refuses negative conductances.
+
+    Args:
+        layer_sizes: (n_in, hidden..., n_classes): n_in input features (the input
+            layer has 2·n_in nodes), hidden layer widths, number of classes (the
+            output layer has 2·n_classes nodes).
+        key: PRNG key for the initial conductances (uniform on [0, gain/√fan_in],
+            i.e. Scellier's half-Kaiming init after clamping at 0, without the zeros).
+        weights, biases: explicit conductances instead of a random init.
+        input_gain: g_in, the input amplification.
+        bias_voltage: V_b, the rail voltage.
+        target_voltage: v_t, the amplitude of the target for the output difference.
+        diodes: put the excitatory/inhibitory bounds on the hidden nodes; `False`
+            gives a linear network.
+        excitatory, inhibitory, output_bounds: the (lower, upper) voltage bounds of
+            excitatory hidden, inhibitory hidden and output nodes.
+        weight_gain, bias_gain: init scales.
+        dtype: dtype of the random init.
+    """
+
+    weights: tuple[Float[Array, "n_pre n_post"], ...]
+    biases: tuple[Float[Array, "2 n"], ...]
+    layer_sizes: tuple[int, ...] = eqx.field(static=True)
+    input_gain: float = eqx.field(static=True)
+    bias_voltage: float = eqx.field(static=True)
+    target_voltage: float = eqx.field(static=True)
+    diodes: bool = eqx.field(static=True)
+    excitatory: Interval = eqx.field(static=True)
+    inhibitory: Interval = eqx.field(static=True)
+    output_bounds: Interval = eqx.field(static=True)
+
+    def __init__(
+        self,
+        layer_sizes: Sequence[int],
+        *,
+        key: PRNGKeyArray | None = None,
+        weights: Sequence[Array] | None = None,
+        biases: Sequence[Array] | None = None,
+        input_gain: float = 1.0,
+        bias_voltage: float = 1.0,
+        target_voltage: float = 1.0,
+        diodes: bool = True,
+        excitatory: Interval = (0.0, math.inf),
+        inhibitory: Interval = (-math.inf, 0.0),
+        output_bounds: Interval = (-math.inf, math.inf),
+        weight_gain: float = 1.0,
+        bias_gain: float = 0.1,
+        dtype: Any = jnp.float32,
+    ):
+        sizes = tuple(int(n) for n in layer_sizes)
+        if len(sizes) < 2 or any(n < 1 for n in sizes):
+            raise ValueError(
+                "ResistiveNetwork: `layer_sizes` must be (n_in, hidden..., n_classes) with "
+                f"positive entries, got {tuple(layer_sizes)}."
+            )
+        self.layer_sizes = sizes
+        self.input_gain = float(input_gain)
+        self.bias_voltage = float(bias_voltage)
+        self.target_voltage = float(target_voltage)
+        self.diodes = bool(diodes)
+        self.excitatory = _check_interval("excitatory", excitatory)
+        self.inhibitory = _check_interval("inhibitory", inhibitory)
+        self.output_bounds = _check_interval("output_bounds", output_bounds)
+        nodes = self.nodes
+        w_shapes = [(a, b) for a, b in zip(nodes[:-1], nodes[1:], strict=True)]
+        b_shapes = [(2, n) for n in nodes[1:]]
+        if weights is None or biases is None:
+            if key is None:
+                raise ValueError(
+                    "ResistiveNetwork: give `key` (random init) or both `weights` and `biases`."
+                )
+            keys = jax.random.split(key, 2 * len(w_shapes))
+        if weights is None:
+            weights = [
+                jax.random.uniform(k, s, dtype, 0.0, weight_gain / math.sqrt(s[0]))
+                for k, s in zip(keys[: len(w_shapes)], w_shapes, strict=True)
+            ]
+        if biases is None:
+            biases = [
+                jax.random.uniform(k, s, dtype, 0.0, bias_gain)
+                for k, s in zip(keys[len(w_shapes) :], b_shapes, strict=True)
+            ]
+        weights, biases = (
+            tuple(jnp.asarray(w) for w in weights),
+            tuple(jnp.asarray(b) for b in biases),
+        )
+        if len(weights) != len(w_shapes) or len(biases) != len(b_shapes):
+            raise ValueError(
+                f"ResistiveNetwork: layer_sizes {sizes} need {len(w_shapes)} weight and "
+                f"{len(b_shapes)} bias arrays, got {len(weights)} and {len(biases)}."
+            )
+        for i, (w, s) in enumerate(zip(weights, w_shapes, strict=True)):
+            _check_conductances(f"weights[{i}]", w, s)
+        for i, (b, s) in enumerate(zip(biases, b_shapes, strict=True)):
+            _check_conductances(f"biases[{i}]", b, s)
+        self.weights, self.biases = weights, biases
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """Number of nodes per layer, input and output layers doubled."""
+        s = self.layer_sizes
+        return (2 * s[0], *s[1:-1], 2 * s[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return self.layer_sizes[-1]
+
+    def bounds(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """Per free layer, the (lower, upper) voltage bounds the diodes impose."""
+        out = []
+        for k, n in enumerate(self.nodes[1:]):
+            if k == len(self.nodes) - 2:
+                lo, hi = np.full(n, self.output_bounds[0]), np.full(n, self.output_bounds[1])
+            elif self.diodes:
+                n_exc = (n + 1) // 2
+                lo = np.concatenate(
+                    [np.full(n_exc, self.excitatory[0]), np.full(n - n_exc, self.inhibitory[0])]
+                )
+                hi = np.concatenate(
+                    [np.full(n_exc, self.excitatory[1]), np.full(n - n_exc, self.inhibitory[1])]
+                )
+            else:
+                lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
+            out.append((lo, hi))
+        return tuple(out)
+
+    def _bounded(self, k: int) -> bool:
+        lo, hi = self.bounds()[k]
+        return bool(np.any(np.isfinite(lo)) or np.any(np.isfinite(hi)))
+
+    def input_voltages(self, x: Float[Array, " n_in"]) -> Float[Array, " 2*n_in"]:
+        """The input layer's source voltages (+g_in·x, −g_in·x)."""
+        self._check_x(x)
+        return self.input_gain * jnp.concatenate([x, -x])
+
+    def targets(self, y: Array) -> Float[Array, " 2*n_classes"]:
+        """Target voltages T = (+y/2, −y/2)·v_t; `y` is one-hot (or soft), or an int label."""
+        y = jnp.asarray(y)
+        k = self.num_classes
+        if y.ndim == 0 and jnp.issubdtype(y.dtype, jnp.integer):
+            y = jax.nn.one_hot(y, k)
+        if y.shape != (k,):
+            raise ValueError(
+                f"ResistiveNetwork: a target must be an int label or have shape ({k},), "
+                f"got shape {y.shape}."
+            )
+        half = 0.5 * self.target_voltage * y
+        return jnp.concatenate([half, -half])
+
+    def _check_x(self, x: Array) -> None:
+        n_in = self.layer_sizes[0]
+        if jnp.ndim(x) != 1 or jnp.shape(x)[0] != n_in:
+            raise ValueError(
+                f"ResistiveNetwork: input width must be {n_in} (one example, shape ({n_in},)); "
+                f"got shape {jnp.shape(x)}. Estimators vmap over the batch axis."
+            )
+
+    def check_input(self, x: Array, y: Array) -> None:
+        """Eager checks on a batch (estimators call this before tracing): width and NaN."""
+        n_in = self.layer_sizes[0]
+        if jnp.ndim(x) != 2 or jnp.shape(x)[1] != n_in:
+            raise ValueError(
+                f"ResistiveNetwork: input width must be {n_in} (a batch of shape (n, {n_in})); "
+                f"got shape {jnp.shape(x)}."
+            )
+        if not _is_tracer(x) and not np.all(np.isfinite(np.asarray(x))):
+            raise ValueError("ResistiveNetwork: the input x holds NaN or inf voltages.")
+
+    def check_state(self, s: Sequence[Array]) -> None:
+        """Raise if `s` has the wrong layer shapes, or (eagerly) holds NaN/inf voltages."""
+        shapes = tuple((n,) for n in self.nodes[1:])
+        got = tuple(jnp.shape(v) for v in s)
+        if got != shapes:
+            raise ValueError(f"ResistiveNetwork: state layer shapes must be {shapes}, got {got}.")
+        for k, v in enumerate(s):
+            if not _is_tracer(v) and not np.all(np.isfinite(np.asarray(v))):
+                raise ValueError(f"ResistiveNetwork: state layer {k} holds NaN or inf voltages.")
+
+    # ---------------------------------------------------------------- energy
+    def init_state(self, x: Float[Array, " n_in"]) -> tuple[Array, ...]:
+        """Zero volts, clipped into the diodes' bounds."""
+        self._check_x(x)
+        dtype = jnp.result_type(x, *self.weights)
+        return tuple(
+            jnp.clip(jnp.zeros(len(lo), dtype), lo.astype(dtype), hi.astype(dtype))
+            for lo, hi in self.bounds()
+        )
+
+    def energy(self, s: Sequence[Array], x: Float[Array, " n_in"]) -> Scalar:
+        """The power P(V) dissipated in the conductances (see the class docstring)."""
+        layers = (self.input_voltages(x), *s)
+        p = 0.0
+        for g, v_pre, v_post in zip(self.weights, layers[:-1], layers[1:], strict=True):
+            p = p + 0.5 * jnp.sum(g * (v_pre[:, None] - v_post[None, :]) ** 2)
+        vb = self.bias_voltage
+        for b, v in zip(self.biases, s, strict=True):
+            p = p + 0.5 * jnp.sum(b[0] * (v - vb) ** 2 + b[1] * (v + vb) ** 2)
+        return p
+
+    def cost(self, s: Sequence[Array], y: Array) -> Scalar:
+        """C = ½ Σ_o (V_o − T_o)²: the power in unit conductances tying outputs to targets."""
+        return 0.5 * jnp.sum((s[-1] - self.targets(y)) ** 2)
+
+    def predict(self, s: Sequence[Array]) -> Array:
+        """Class scores o_k = V_{k+} − V_{k−}."""
+        k = self.num_classes
+        return s[-1][:k] - s[-1][k:]
+
+    # ---------------------------------------------------------------- dynamics
+    def _layer_update(self, k: int, layers: Sequence[Array], y: Array, beta: Any) -> Array:
+        """argmin over layer k (state index) of F with the other layers fixed, then clipped."""
+        w_in = self.weights[k]
+        a = jnp.sum(w_in, axis=0) + self.biases[k][0] + self.biases[k][1]
+        b = layers[k] @ w_in + self.bias_voltage * (self.biases[k][0] - self.biases[k][1])
+        if k + 1 < len(self.weights):
+            w_out = self.weights[k + 1]
+            a = a + jnp.sum(w_out, axis=1)
+            b = b + w_out @ layers[k + 2]
+        else:
+            a = a + beta
+            b = b + beta * self.targets(y)
+        old = layers[k + 1]
+        # A node with no conductance at all has a flat energy: it keeps its voltage.
+        connected = a != 0
+        v = jnp.where(connected, b / jnp.where(connected, a, 1), old)
+        if self._bounded(k):
+            if jnp.iscomplexobj(v):
+                raise TypeError(
+                    "ResistiveNetwork: diode bounds need real voltages; a complex β "
+                    "(holomorphic EP) needs `diodes=False` and unbounded outputs."
+                )
+            lo, hi = self.bounds()[k]
+            v = jnp.clip(v, jnp.asarray(lo, v.dtype), jnp.asarray(hi, v.dtype))
+        return v.astype(old.dtype)
+
+    def step(self, s: Sequence[Array], x: Array, y: Array, beta: Any) -> tuple[Array, ...]:
+        """One exact block coordinate-descent sweep: even layers, then odd layers."""
+        layers = [self.input_voltages(x), *s]
+        num = len(s)
+        for parity in (0, 1):
+            for k in range(parity, num, 2):
+                layers[k + 1] = self._layer_update(k, layers, y, beta)
+        return tuple(layers[1:])
+
+    def relax(
+        self,
+        x: Array,
+        y: Array,
+        beta: Any = 0.0,
+        s0: Sequence[Array] | None = None,
+        *,
+        solver: AbstractSolver | None = None,
+        adjoint: AbstractAdjoint | None = None,
+    ) -> Solution:
+        """`EnergyModel.relax` after checking the input, the state and the conductances.
+
+        Checks run eagerly on concrete arrays; under `jit` the NaN and sign checks
+        become runtime errors (`eqx.error_if`).
+        """
+        self._check_x(x)
+        if s0 is not None:
+            self.check_state(s0)
+            s0 = tuple(s0)
+        if not _is_tracer(x) and not np.all(np.isfinite(np.asarray(x))):
+            raise ValueError("ResistiveNetwork: the input x holds NaN or inf voltages.")
+        x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "ResistiveNetwork: input x holds NaN/inf.")
+        for i, w in enumerate(self.weights):
+            _check_conductances(f"weights[{i}]", w, w.shape)
+        for i, b in enumerate(self.biases):
+            _check_conductances(f"biases[{i}]", b, b.shape)
+        neg = jnp.array(False)
+        for g in (*self.weights, *self.biases):
+            neg = neg | jnp.any(g < 0)
+        x = eqx.error_if(x, neg, "ResistiveNetwork: negative conductances; call model.project().")
+        return EnergyModel.relax(self, x, y, beta, s0, solver=solver, adjoint=adjoint)
+
+    # ---------------------------------------------------------------- training
+    def project(self) -> ResistiveNetwork:
+        """The same network with every conductance clipped at 0 (call after each update)."""
+        return eqx.tree_at(
+            lambda m: (m.weights, m.biases),
+            self,
+            (
+                tuple(jnp.maximum(w, 0) for w in self.weights),
+                tuple(jnp.maximum(b, 0) for b in self.biases),
+            ),
+        )
+
+
+def clip_conductances(tree: PyTree) -> PyTree:
+    """Apply [`ResistiveNetwork.project`][] to every network inside `tree`.
+
+    Use after `eqx.apply_updates(model, updates)` in a training loop, so that every
+    conductance stays ≥ 0 (projected SGD, as in Scellier 2024's code).
+    """
+    is_net = lambda t: isinstance(t, ResistiveNetwork)
+    return jax.tree_util.tree_map(lambda t: t.project() if is_net(t) else t, tree, is_leaf=is_net)
+
+
+def local_ep_gradient(
+    model: ResistiveNetwork,
+    x: Float[Array, " n_in"],
+    s1: Sequence[Array],
+    s2: Sequence[Array],
+    beta1: Any,
+    beta2: Any,
+) -> ResistiveNetwork:
+    r"""EP's gradient estimate from voltage drops alone, one conductance at a time.
+
+    ∂P/∂g_ij = ½ (ΔV_ij)², so EP's estimate (Scellier & Bengio 2017; Kendall et al.
+    2020) for each conductance is
+
+        ĝ_ij = [(ΔV_ij^{β2})² − (ΔV_ij^{β1})²] / (2 (β2 − β1)),
+
+    with ΔV_ij the voltage across g_ij at the equilibria s1 = s^{β1}, s2 = s^{β2}
+    (for a bias conductance, the drop to its rail). The SGD update is Δg = −η ĝ,
+    i.e. Δg_ij ∝ −[(ΔV^β)² − (ΔV^0)²]/(2β) for the positive variant (β1 = 0, β2 = β).
+    No derivative of the energy is taken: each conductance sees only its own drop.
+
+    Returns a model-shaped pytree (as `eqx.filter(model, eqx.is_inexact_array)`,
+    for one example) whose `weights` and `biases` hold ĝ.
+    """
+    vin = model.input_voltages(x)
+    vb = model.bias_voltage
+
+    def drops_sq(s):
+        layers = (vin, *s)
+        w = tuple(
+            (a[:, None] - b[None, :]) ** 2 for a, b in zip(layers[:-1], layers[1:], strict=True)
+        )
+        b = tuple(jnp.stack([(v - vb) ** 2, (v + vb) ** 2]) for v in s)
+        return w, b
+
+    (w1, b1), (w2, b2) = drops_sq(s1), drops_sq(s2)
+    scale = 1.0 / (2 * (beta2 - beta1))
+    gw = tuple(scale * (a2 - a1) for a1, a2 in zip(w1, w2, strict=True))
+    gb = tuple(scale * (a2 - a1) for a1, a2 in zip(b1, b2, strict=True))
+    grads = eqx.filter(model, eqx.is_inexact_array)
+    return eqx.tree_at(lambda m: (m.weights, m.biases), grads, (gw, gb))

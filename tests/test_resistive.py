@@ -1,0 +1,330 @@
+"""ResistiveNetwork: coordinate descent against dense solves, EP against implicit gradients."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqprop_jax as eqp
+from eqprop_jax.estimators.resistive_ep import ResistiveEP
+from eqprop_jax.models.resistive import ResistiveNetwork, clip_conductances, local_ep_gradient
+
+SIZES = (5, 8, 6, 3)  # two hidden layers: the sweep alternates three free layers
+
+
+def make(diodes=True, sizes=SIZES, seed=0, **kw):
+    kw.setdefault("input_gain", 4.0)
+    return ResistiveNetwork(
+        sizes, key=jax.random.PRNGKey(seed), diodes=diodes, dtype=jnp.float64, bias_gain=0.3, **kw
+    )
+
+
+def example(model, seed=1):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.uniform(kx, (model.layer_sizes[0],), jnp.float64)
+    y = jax.nn.one_hot(jax.random.randint(ky, (), 0, model.num_classes), model.num_classes)
+    return x, y
+
+
+def quadratic_form(model, x, y, beta):
+    """F restricted to the free voltages as ½VᵀHV − rᵀV, built from the graph, not the sweep.
+
+    Every conductance g between nodes i, j adds g to H_ii, H_jj and −g to H_ij; a
+    conductance from free node i to a fixed potential u (input, rail, target) adds g to
+    H_ii and g·u to r_i.
+    """
+    nodes = model.nodes
+    free = nodes[1:]
+    offsets = np.concatenate([[0], np.cumsum(free)])
+    n = int(offsets[-1])
+    h = np.zeros((n, n))
+    r = np.zeros(n)
+    vin = np.asarray(model.input_gain * np.concatenate([x, -x]))
+    vb = model.bias_voltage
+    for layer, w in enumerate(model.weights):
+        w = np.asarray(w)
+        post = slice(offsets[layer], offsets[layer + 1])
+        h[post, post] += np.diag(w.sum(0))
+        if layer == 0:
+            r[post] += vin @ w
+        else:
+            pre = slice(offsets[layer - 1], offsets[layer])
+            h[pre, pre] += np.diag(w.sum(1))
+            h[pre, post] -= w
+            h[post, pre] -= w.T
+    for layer, b in enumerate(model.biases):
+        b = np.asarray(b)
+        sl = slice(offsets[layer], offsets[layer + 1])
+        h[sl, sl] += np.diag(b[0] + b[1])
+        r[sl] += vb * (b[0] - b[1])
+    out = slice(offsets[-2], offsets[-1])
+    t = np.asarray(model.targets(y))
+    h[out, out] += beta * np.eye(free[-1])
+    r[out] += beta * t
+    lo = np.concatenate([b[0] for b in model.bounds()])
+    hi = np.concatenate([b[1] for b in model.bounds()])
+    return h, r, lo, hi, offsets
+
+
+SOLVER = eqp.Picard(tol=1e-13, max_steps=400)
+
+
+@eqx.filter_jit
+def _relax(model, x, y, beta):
+    sol = model.relax(x, y, beta, solver=SOLVER)
+    return sol.value, sol.result
+
+
+def solve(model, x, y, beta):
+    """s^β to 1e-13 (jitted once per network structure; β is traced)."""
+    s, result = _relax(model, x, y, jnp.asarray(beta, jnp.float64))
+    assert int(result) == eqp.Result.converged
+    return s
+
+
+def flat(s):
+    return np.concatenate([np.asarray(v) for v in s])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_linear_network_equals_laplacian_solve(beta):
+    model = make(diodes=False)
+    x, y = example(model)
+    h, r, _, _, _ = quadratic_form(model, x, y, beta)
+    direct = np.linalg.solve(h, r)
+    # Block CD on an SPD system converges linearly; tol 1e-13 on the sweep residual
+    # leaves an error of that order times the condition factor, far below 1e-9.
+    np.testing.assert_allclose(flat(solve(model, x, y, beta)), direct, rtol=0, atol=1e-9)
+
+
+def test_power_decreases_monotonically_over_sweeps():
+    model = make(diodes=True)
+    x, y = example(model)
+    beta = 0.5
+
+    def body(s, _):
+        s = model.step(s, x, y, beta)
+        return s, model.total_energy(s, x, y, beta)
+
+    s0 = model.init_state(x)
+    _, f = jax.lax.scan(body, s0, None, length=60)
+    f = np.concatenate([[float(model.total_energy(s0, x, y, beta))], np.asarray(f)])
+    # Each block update is an exact minimisation, so F cannot rise; allow float64 rounding.
+    assert np.all(np.diff(f) <= 1e-12 * abs(f[0]))
+    assert f[-1] < f[0]
+    # The model's power is the graph's quadratic form: F(V) − F(0) = ½VᵀHV − rᵀV.
+    h, r, _, _, _ = quadratic_form(model, x, y, beta)
+    v = flat(solve(model, x, y, beta))
+    zero = tuple(jnp.zeros_like(a) for a in s0)
+    lhs = f[-1] - float(model.total_energy(zero, x, y, beta))
+    np.testing.assert_allclose(lhs, 0.5 * v @ h @ v - r @ v, rtol=1e-10)
+
+
+def projected_gradient(h, r, lo, hi, steps=200_000):
+    """min ½VᵀHV − rᵀV on the box by projected gradient with step 1/λ_max(H)."""
+    eta = 1.0 / np.linalg.eigvalsh(h).max()
+    h, r, lo, hi = map(jnp.asarray, (h, r, lo, hi))
+
+    def body(_, v):
+        return jnp.clip(v - eta * (h @ v - r), lo, hi)
+
+    return np.asarray(jax.lax.fori_loop(0, steps, body, jnp.clip(jnp.zeros_like(r), lo, hi)))
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_diode_network_matches_projected_gradient_and_kcl(beta):
+    model = make(diodes=True, seed=3)
+    x, y = example(model, seed=4)
+    h, r, lo, hi, _ = quadratic_form(model, x, y, beta)
+    v = flat(solve(model, x, y, beta))
+    ref = projected_gradient(h, r, lo, hi)
+    np.testing.assert_allclose(v, ref, rtol=0, atol=1e-6)
+    clipped = (v <= lo + 1e-12) | (v >= hi - 1e-12)
+    assert 0 < clipped.sum() < len(v), "the instance should have diodes both on and off"
+    current = r - h @ v  # net current into each node = −∂F/∂V
+    # Kirchhoff's current law off the bounds; at a bound, the diode only carries
+    # current in its forward direction (KKT sign conditions).
+    np.testing.assert_allclose(current[~clipped], 0, atol=1e-9)
+    at_lo = v <= lo + 1e-12
+    at_hi = v >= hi - 1e-12
+    assert np.all(current[at_lo] <= 1e-9) and np.all(current[at_hi] >= -1e-9)
+    # Same law through the model's own energy, by autodiff.
+    s = solve(model, x, y, beta)
+    g = flat(jax.grad(lambda s: model.total_energy(s, x, y, beta))(s))
+    np.testing.assert_allclose(g[~clipped], 0, atol=1e-9)
+
+
+def theta(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+@eqx.filter_jit
+def dfdtheta(model, s, x, y, beta):
+    return eqx.filter_grad(lambda m: m.total_energy(s, x, y, beta))(model)
+
+
+def generic_ep(model, x, y, b1, b2):
+    """EP's generic estimate [∂F/∂θ(s^{β2}, β2) − ∂F/∂θ(s^{β1}, β1)]/(β2 − β1) by autodiff."""
+    s1, s2 = solve(model, x, y, b1), solve(model, x, y, b2)
+    g1, g2 = dfdtheta(model, s1, x, y, b1), dfdtheta(model, s2, x, y, b2)
+    g = jax.tree_util.tree_map(lambda a, b: (b - a) / (b2 - b1), g1, g2)
+    return g, s1, s2
+
+
+@eqx.filter_jit
+def implicit_gradient(model, x, y):
+    """dL/dθ through the free equilibrium by the implicit function theorem (GMRES)."""
+
+    def loss(m):
+        sol = m.relax(x, y, 0.0, solver=SOLVER, adjoint=eqp.Implicit(tol=1e-12, max_steps=200))
+        return m.loss(sol.value, y)
+
+    return eqx.filter_grad(loss)(model)
+
+
+def rel_err(a, b):
+    a, b = jax.flatten_util.ravel_pytree(a)[0], jax.flatten_util.ravel_pytree(b)[0]
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def active_set(model, s):
+    return np.concatenate(
+        [
+            (np.asarray(v) <= lo) | (np.asarray(v) >= hi)
+            for v, (lo, hi) in zip(s, model.bounds(), strict=True)
+        ]
+    )
+
+
+def test_centered_ep_matches_implicit_gradient_as_beta_to_zero():
+    model = make(diodes=True, seed=5)
+    x, y = example(model, seed=6)
+    ref = implicit_gradient(model, x, y)
+    s0 = solve(model, x, y, 0.0)
+    errors = []
+    for beta in (1e-2, 1e-3):
+        g, s_minus, s_plus = generic_ep(model, x, y, -beta, beta)
+        # Only compare where the diodes do not switch: there s^β is smooth in β.
+        assert np.array_equal(active_set(model, s_minus), active_set(model, s0))
+        assert np.array_equal(active_set(model, s_plus), active_set(model, s0))
+        errors.append(rel_err(g, ref))
+    # s^β = (H + βD)⁻¹(r + βDT) on the fixed active set is smooth in β, so centered EP
+    # has an O(β²) bias (Laborieux et al. 2021): the error drops ~100x per decade.
+    slope = np.log10(errors[0] / errors[1])
+    assert 1.8 < slope < 2.2, errors
+    assert errors[1] < 1e-5, errors
+    # The one-sided estimate carries an O(β) bias that centered EP removes.
+    g_pos, _, _ = generic_ep(model, x, y, 0.0, 1e-2)
+    assert rel_err(g_pos, ref) > 10 * errors[0]
+
+
+def test_local_rule_equals_generic_ep():
+    model = make(diodes=True, seed=7)
+    x, y = example(model, seed=8)
+    beta = 0.8
+    g, s1, s2 = generic_ep(model, x, y, -beta, beta)
+    local = local_ep_gradient(model, x, s1, s2, -beta, beta)
+    assert jax.tree_util.tree_structure(local) == jax.tree_util.tree_structure(theta(model))
+    assert rel_err(local, g) < 1e-12
+
+
+def test_sign_of_local_update_lowers_the_loss():
+    model = make(diodes=True, seed=9)
+    x, y = example(model, seed=10)
+    s1, s2 = solve(model, x, y, -1e-2), solve(model, x, y, 1e-2)
+    g = local_ep_gradient(model, x, s1, s2, -1e-2, 1e-2)
+    loss0 = model.loss(solve(model, x, y, 0.0), y)
+    step = eqx.apply_updates(model, jax.tree_util.tree_map(lambda a: -1e-3 * a, g))
+    step = step.project()
+    assert model.loss(solve(step, x, y, 0.0), y) < loss0
+
+
+def test_project_keeps_conductances_nonnegative_under_jit():
+    model = make()
+    bumped = eqx.apply_updates(model, jax.tree_util.tree_map(lambda a: a - 0.05, theta(model)))
+    projected = eqx.filter_jit(clip_conductances)({"net": bumped})["net"]
+    leaves = jax.tree_util.tree_leaves(theta(projected))
+    assert all(bool(jnp.all(a >= 0)) for a in leaves)
+    assert any(bool(jnp.any(a == 0)) for a in leaves)
+    with pytest.raises(ValueError, match="negative conductances"):
+        bumped.relax(*example(bumped))
+
+
+def test_batched_jitted_relax_matches_single_examples():
+    model = make()
+    xs = jax.random.uniform(jax.random.PRNGKey(2), (4, SIZES[0]), jnp.float64)
+    ys = jnp.arange(4) % SIZES[-1]
+
+    @eqx.filter_jit
+    def batch(m, xs, ys):
+        return jax.vmap(lambda x, y: m.relax(x, y, 0.5, solver=SOLVER).value)(xs, ys)
+
+    out = batch(model, xs, ys)
+    one = solve(model, xs[2], jax.nn.one_hot(ys[2], SIZES[-1]), 0.5)
+    for a, b in zip(out, one, strict=True):
+        np.testing.assert_allclose(a[2], b, atol=1e-12)
+
+
+def test_bad_input_raises_naming_the_problem():
+    good = make()
+    w = list(good.weights)
+    w[1] = w[1].at[0, 0].set(-0.1)
+    with pytest.raises(ValueError, match=r"weights\[1\].*negative conductances"):
+        ResistiveNetwork(SIZES, weights=w, biases=good.biases)
+    b = list(good.biases)
+    b[0] = b[0].at[1, 2].set(-1.0)
+    with pytest.raises(ValueError, match=r"biases\[0\].*negative"):
+        ResistiveNetwork(SIZES, weights=good.weights, biases=b)
+    with pytest.raises(ValueError, match="excitatory.*lower bound 1.0 is above its upper bound"):
+        make(excitatory=(1.0, 0.5))
+    with pytest.raises(ValueError, match="output_bounds.*above"):
+        make(output_bounds=(2.0, -2.0))
+    x, y = example(good)
+    with pytest.raises(ValueError, match="input width must be 5"):
+        good.relax(jnp.zeros(6), y)
+    with pytest.raises(ValueError, match="input width must be 5"):
+        good.step(good.init_state(x), jnp.zeros((2, 5)), y, 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        good.relax(x.at[0].set(jnp.nan), y)
+    s0 = list(good.init_state(x))
+    s0[1] = s0[1].at[3].set(jnp.nan)
+    with pytest.raises(ValueError, match="state layer 1 holds NaN"):
+        good.relax(x, y, 0.0, s0)
+    with pytest.raises(ValueError, match="state layer shapes"):
+        good.relax(x, y, 0.0, s0[:2])
+    with pytest.raises(ValueError, match="shape"):
+        ResistiveNetwork(SIZES, weights=good.weights[:1] + good.weights[:2], biases=good.biases)
+    with pytest.raises(ValueError, match="target"):
+        good.cost(good.init_state(x), jnp.ones(4))
+    # Under jit the NaN check on the input becomes a runtime error with the same words.
+    with pytest.raises(Exception, match="NaN"):
+        jax.jit(lambda x: good.relax(x, y).value)(x.at[0].set(jnp.nan))
+
+
+def test_ep_rbp_and_bptt_agree_on_the_same_circuit():
+    from eqprop_jax.estimators import BPTT, EquilibriumProp, RecurrentBackprop
+
+    model = make(diodes=True, seed=11)
+    xs = jax.random.uniform(jax.random.PRNGKey(12), (3, SIZES[0]), jnp.float64)
+    ys = jax.nn.one_hot(jnp.array([0, 2, 1]), SIZES[-1])
+    estimators = {
+        "ep": EquilibriumProp(beta=1e-3, variant="centered", free_steps=300, nudged_steps=300),
+        "rbp": RecurrentBackprop(adjoint=eqp.Implicit(tol=1e-12, max_steps=200), solver=SOLVER),
+        "bptt": BPTT(steps=300),
+    }
+    out = {k: eqx.filter_jit(e)(model, xs, ys) for k, e in estimators.items()}
+    ref = out["rbp"][1]
+    # 300 sweeps converge far below 1e-12 on this net, so unrolling equals the implicit
+    # gradient to rounding; centered EP carries its O(β²) bias, ~1e-6 at β = 1e-3.
+    assert rel_err(out["bptt"][1], ref) < 1e-8
+    assert rel_err(out["ep"][1], ref) < 1e-4
+    report = eqp.gradient_alignment(out["ep"][1], ref)
+    assert float(report.overall.cosine) > 0.9999
+    for k in out:
+        np.testing.assert_allclose(out[k][0], out["rbp"][0], rtol=1e-9)
+    # The local-rule estimator, with the same phases, gives EP's estimate to rounding.
+    local = eqx.filter_jit(ResistiveEP(beta=1e-3, free_steps=300, nudged_steps=300))
+    loss, g, _ = local(model, xs, ys)
+    assert rel_err(g, out["ep"][1]) < 1e-9
+    np.testing.assert_allclose(loss, out["ep"][0], rtol=1e-12)
