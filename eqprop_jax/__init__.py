@@ -10,10 +10,17 @@ from .adjoints import (
     Unrolled,
 )
 from .diagnostics import gradient_alignment
-from .estimators import BPTT, EquilibriumProp, Estimator, RecurrentBackprop
+from .estimators import (
+    BPTT,
+    ContinualEP,
+    EquilibriumProp,
+    Estimator,
+    RecurrentBackprop,
+    VectorFieldEP,
+)
 from .estimators.dtp import DTP
 from .fixed_point import fixed_point
-from .models import DEQ, HopfieldMLP
+from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
 __version__ = "0.1.0"
@@ -41,4 +48,8 @@ __all__ = [
     "HopfieldMLP",
     "RecurrentBackprop",
     "DTP",
+    "ContinualEP",
+    "VectorFieldEP",
+    "ConvHopfield",
+    "VectorFieldMLP",
 ]

@@ -2,6 +2,8 @@
 
 from .alignment import Alignment, AlignmentReport, angle, gradient_alignment
 from .dtp import dtp_alignment, gauss_newton_targets, plot_dtp_alignment, weight_alignment
+from .gdu import GDUTrace, gdu_trace
+from .rbp_trace import RBPTrace, rbp_equivalence_trace
 
 __all__ = [
     "Alignment",
@@ -12,4 +14,8 @@ __all__ = [
     "gauss_newton_targets",
     "plot_dtp_alignment",
     "weight_alignment",
+    "GDUTrace",
+    "gdu_trace",
+    "RBPTrace",
+    "rbp_equivalence_trace",
 ]

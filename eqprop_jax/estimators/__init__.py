@@ -2,8 +2,18 @@
 
 from .base import Estimator
 from .bptt import BPTT
+from .continual_ep import ContinualEP
 from .dtp import DTP
 from .ep import EquilibriumProp
 from .rbp import RecurrentBackprop
+from .vector_field_ep import VectorFieldEP
 
-__all__ = ["Estimator", "BPTT", "EquilibriumProp", "RecurrentBackprop", "DTP"]
+__all__ = [
+    "Estimator",
+    "BPTT",
+    "EquilibriumProp",
+    "RecurrentBackprop",
+    "DTP",
+    "ContinualEP",
+    "VectorFieldEP",
+]

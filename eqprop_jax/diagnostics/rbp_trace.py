@@ -1,0 +1,159 @@
+"""EP's second phase against recurrent backprop, step by step (Scellier & Bengio 2019)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, PyTree
+
+from ..estimators._batch import check_batch
+from ..solvers.base import AbstractSolver
+from ..solvers.picard import Picard
+from .alignment import Alignment
+from .gdu import _stack_align, state_step_size
+
+
+class RBPTrace(eqx.Module):
+    r"""EP's temporal derivatives beside the Almeida–Pineda iterates (leading axis k = 0..K−1).
+
+    - `ep_state[k]` = −(s^β_{k+1} − s^β_k)/(εβ), the scaled rate of change of the
+      nudged state (per example);
+    - `rbp_state[k]` = δ_k = (Jᵀ)^k ∂L/∂s, the k-th Almeida–Pineda increment at the free
+      equilibrium (J = ∂step/∂s), whose partial sums u_{k+1} = Σ_{j≤k} δ_j are the AP
+      adjoint iterates u ← Jᵀu + ∂L/∂s from u = 0;
+    - `ep_param[k]` = [∂F/∂θ(s^β_{k+1}, β) − ∂F/∂θ(s^0, 0)]/β, EP's running estimate;
+    - `rbp_param[k]` = ∂L/∂θ|direct + Σ_{j≤k} (∂step/∂θ)ᵀ δ_j, the running RBP gradient
+      after k + 1 AP iterations (→ dL/dθ as k → ∞).
+
+    Both pairs agree as β → 0 when J is symmetric (gradient dynamics); the gap is O(β).
+    """
+
+    ep_state: PyTree
+    rbp_state: PyTree
+    ep_param: PyTree
+    rbp_param: PyTree
+    beta: float
+
+    @property
+    def steps(self) -> int:
+        return jax.tree_util.tree_leaves(self.ep_state)[0].shape[0]
+
+    def state_alignment(self) -> list[Alignment]:
+        return _stack_align(self.ep_state, self.rbp_state, self.steps)
+
+    def param_alignment(self) -> list[Alignment]:
+        return _stack_align(self.ep_param, self.rbp_param, self.steps)
+
+    def max_rel_error(self) -> tuple[float, float]:
+        """The largest relative error over k for (states, parameters): O(β)."""
+        return (
+            max(a.rel_error for a in self.state_alignment()),
+            max(a.rel_error for a in self.param_alignment()),
+        )
+
+    def summary(self) -> dict[str, np.ndarray]:
+        s, p = self.state_alignment(), self.param_alignment()
+        return {
+            "state_rel_error": np.array([a.rel_error for a in s]),
+            "state_sign": np.array([a.sign_agreement for a in s]),
+            "param_rel_error": np.array([a.rel_error for a in p]),
+            "param_sign": np.array([a.sign_agreement for a in p]),
+        }
+
+
+@eqx.filter_jit
+def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
+    free = jax.vmap(lambda xi, yi: model.relax(xi, yi, 0.0, solver=free_solver))(x, y)
+    s_star = lax.stop_gradient(free.value)
+    dtype = jax.tree_util.tree_leaves(s_star)[0].dtype
+    beta = jnp.asarray(beta, dtype)
+    zero = jnp.zeros((), dtype)
+    n = x.shape[0]
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    tmap = jax.tree_util.tree_map
+
+    def batch_step(p, s, b):
+        m = eqx.combine(p, static)
+        return jax.vmap(lambda si, xi, yi: m.step(si, xi, yi, b))(s, x, y)
+
+    def ep_body(s, _):
+        s_new = batch_step(params, s, beta)
+        return s_new, (s, s_new)
+
+    _, (prev, nxt) = lax.scan(ep_body, s_star, length=nudged_steps)
+    ep_state = tmap(lambda a, b: -(b - a) / (beta * eps), prev, nxt)
+
+    def d_f(s, b):
+        def mean_f(p):
+            m = eqx.combine(p, static)
+            return jnp.mean(jax.vmap(lambda si, xi, yi: m.total_energy(si, xi, yi, b))(s, x, y))
+
+        return jax.grad(mean_f)(params)
+
+    f0 = d_f(s_star, zero)
+    ep_param = jax.vmap(lambda s: tmap(lambda a, c: (a - c) / beta, d_f(s, beta), f0))(nxt)
+
+    # Almeida–Pineda at the free equilibrium: δ_{k+1} = Jᵀ δ_k, δ_0 = ∂L/∂s.
+    def total_loss(p, s):
+        return jnp.sum(jax.vmap(eqx.combine(p, static).loss)(s, y))
+
+    direct, delta0 = jax.grad(total_loss, argnums=(0, 1))(params, s_star)
+    _, vjp = jax.vjp(lambda p, s: batch_step(p, s, zero), params, s_star)
+
+    def ap_body(carry, _):
+        delta, theta = carry
+        g_p, g_s = vjp(delta)
+        theta = tmap(lambda a, g: a + g / n, theta, g_p)
+        return (g_s, theta), (delta, theta)
+
+    theta0 = tmap(lambda a: a / n, direct)
+    _, (rbp_state, rbp_param) = lax.scan(ap_body, (delta0, theta0), length=nudged_steps)
+    return ep_state, rbp_state, ep_param, rbp_param
+
+
+def rbp_equivalence_trace(
+    model,
+    x: Array,
+    y: Array,
+    beta: float,
+    free_steps: int,
+    nudged_steps: int,
+    *,
+    free_solver: AbstractSolver | None = None,
+    step_size: float | None = None,
+) -> RBPTrace:
+    r"""(1/β)·ds^β/dt in EP's second phase beside the Almeida–Pineda iterates.
+
+    Scellier & Bengio 2019 (Theorem 1): for gradient dynamics ds/dt = −∂F/∂s, started
+    at the free equilibrium s^0, as β → 0
+
+        −(1/β) ds^β_t/dt → S̄_t   and   (1/β)[∂F/∂θ(s^β_t) − ∂F/∂θ(s^0)] → Θ̄_t,
+
+    where S̄_t, Θ̄_t are recurrent backprop's adjoint and running gradient at the same
+    time t. In discrete time with step s ← s − ε∂F/∂s (dt = ε), S̄_k is the k-th
+    Almeida–Pineda increment (Jᵀ)^k ∂L/∂s and Θ̄ the running gradient (see
+    [`RBPTrace`][]). It is a limit, not a finite-β identity: the gap is O(β) (O(β²)
+    for the symmetric difference of ±β). For prototypical maps s ← σ(∂Φ/∂s) J is not
+    symmetric and the match is only approximate.
+
+    Args: as [`eqprop_jax.diagnostics.gdu_trace`][]; `step_size` is ε (read from the
+    model by default, 1 for prototypical models).
+    """
+    check_batch("rbp_equivalence_trace", model, x, y)
+    if float(beta) == 0.0:
+        raise ValueError("rbp_equivalence_trace: `beta` must be nonzero (the rates divide by β).")
+    for name, v in (("free_steps", free_steps), ("nudged_steps", nudged_steps)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"rbp_equivalence_trace: `{name}` must be a positive integer, got {v!r}."
+            )
+    eps = state_step_size(model) if step_size is None else float(step_size)
+    free_solver = free_solver or Picard(tol=0.0, max_steps=free_steps)
+    out = _trace(model, x, y, jnp.asarray(float(beta)), free_solver, nudged_steps, eps)
+    return RBPTrace(*out, beta=float(beta))
+
+
+__all__ = ["RBPTrace", "rbp_equivalence_trace"]
