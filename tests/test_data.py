@@ -1,0 +1,200 @@
+"""Data sources: embedded digits, IDX/npz folders, tfds error path, batching, augmentation."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqprop_jax.data import (
+    DataError,
+    batch_indices,
+    epoch_order,
+    load_dataset,
+    load_digits,
+    load_folder,
+    random_crop_flip,
+    read_idx,
+    steps_per_epoch,
+    verify_md5sums,
+)
+
+MNIST = Path("/work/shared/data/mnist")
+
+
+def _write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    array = np.asarray(array, np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw += array.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+def _idx_folder(tmp_path: Path, n_train=12, n_test=6, gz=True) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(
+            folder / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 5, 4)), gz
+        )
+        _write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", np.arange(n) % 3, gz)
+    return folder
+
+
+def test_digits_shapes_and_fixed_stratified_split():
+    d = load_digits(seed=0)
+    assert d.x_train.shape[1:] == (8, 8, 1) and d.x_train.dtype == np.float32
+    assert len(d.x_train) + len(d.x_test) == 1797  # the UCI optdigits images in scikit-learn
+    assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0 and d.x_train.max() == 1.0
+    # Stratified: every class holds round(20%) of its examples in the test split.
+    counts = np.bincount(d.y_test, minlength=10)
+    totals = counts + np.bincount(d.y_train, minlength=10)
+    np.testing.assert_array_equal(counts, np.round(0.2 * totals).astype(int))
+    other = load_digits(seed=1)
+    assert not np.array_equal(d.y_test, other.y_test)
+    # Splits are disjoint: the pair (train, test) partitions the 1,797 images.
+    all_imgs = np.concatenate([d.x_train, d.x_test]).reshape(1797, -1)
+    from sklearn.datasets import load_digits as sk
+
+    ref = sk().data / 16.0
+    key = lambda a: sorted(map(bytes, np.round(a * 16).astype(np.uint8)))
+    assert key(all_imgs) == key(ref)
+    assert d.flat().x_train.shape == (len(d.x_train), 64)
+
+
+def test_idx_roundtrip_plain_and_gzip(tmp_path):
+    a = np.random.default_rng(1).integers(0, 256, (3, 7, 2))
+    _write_idx(tmp_path / "a.gz", a, gz=True)
+    _write_idx(tmp_path / "a", a, gz=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a"), a)
+
+
+def test_folder_source_scales_and_counts_classes(tmp_path):
+    folder = _idx_folder(tmp_path)
+    d = load_folder(folder)
+    assert d.x_train.shape == (12, 5, 4, 1) and d.x_test.shape == (6, 5, 4, 1)
+    raw = read_idx(folder / "train-images-idx3-ubyte.gz")
+    np.testing.assert_allclose(d.x_train[..., 0], raw / 255.0, rtol=1e-6)
+    assert d.num_classes == 3
+    np.testing.assert_array_equal(d.y_test, np.arange(6) % 3)
+
+
+def test_npz_folder(tmp_path):
+    rng = np.random.default_rng(2)
+    xs = {
+        s: rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+        for s, n in (("train", 8), ("test", 4))
+    }
+    np.savez(tmp_path / "train.npz", x=xs["train"], y=np.arange(8) % 5)
+    np.savez(tmp_path / "test.npz", x=xs["test"], y=np.arange(4))
+    d = load_folder(tmp_path)
+    assert d.x_train.shape == (8, 4, 4, 3) and d.num_classes == 5
+    np.testing.assert_allclose(d.x_test, xs["test"] / 255.0, rtol=1e-6)
+
+
+@pytest.mark.skipif(not (MNIST / "MD5SUMS").exists(), reason="no shared MNIST folder")
+def test_mnist_idx_against_checksums():
+    assert sorted(verify_md5sums(MNIST)) == sorted(
+        line.split()[1] for line in (MNIST / "MD5SUMS").read_text().splitlines() if line.strip()
+    )
+    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
+    # The official MNIST test set: 10,000 labels with these per-class counts.
+    np.testing.assert_array_equal(
+        np.bincount(labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
+    d = load_dataset("mnist", data_dir=MNIST)
+    assert d.x_train.shape == (60000, 28, 28, 1) and d.x_test.shape == (10000, 28, 28, 1)
+    assert d.num_classes == 10 and d.x_train.max() == 1.0
+
+
+def test_missing_empty_and_unrelated_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("mnist", data_dir=tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        load_dataset("mnist", data_dir=empty)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="holds no IDX"):
+        load_folder(other)
+
+
+def test_corrupt_folders_name_the_file(tmp_path):
+    folder = _idx_folder(tmp_path)
+    # A checksum list that no longer matches a file.
+    target = folder / "train-labels-idx1-ubyte.gz"
+    digest = "0" * 32
+    (folder / "MD5SUMS").write_text(f"{digest}  {target.name}\n")
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: MD5 checksum mismatch"):
+        load_folder(folder)
+    (folder / "MD5SUMS").unlink()
+    # Truncated gzip stream.
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_folder(folder)
+    # Valid gzip, wrong payload size.
+    with gzip.open(target, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 12) + bytes(5))
+    with pytest.raises(DataError, match="announces shape"):
+        load_folder(folder)
+    # Not IDX at all.
+    with gzip.open(target, "wb") as f:
+        f.write(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="bad magic"):
+        load_folder(folder)
+    # A missing member of the four files.
+    target.unlink()
+    with pytest.raises(DataError, match="IDX files missing"):
+        load_folder(folder)
+
+
+def test_unknown_dataset_and_unreachable_tfds(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'imagenet9'.*digits"):
+        load_dataset("imagenet9")
+    # A tfds data_dir without a prepared copy (and no network): the error names --data-dir.
+    tfds_dir = tmp_path / "tfds"
+    (tfds_dir / "downloads").mkdir(parents=True)
+    with pytest.raises(DataError, match="could not reach 'fashion_mnist'.*--data-dir"):
+        load_dataset("fashion_mnist", data_dir=tfds_dir)
+
+
+def test_epoch_order_and_batches():
+    key = jax.random.PRNGKey(3)
+    o0, o0b, o1 = epoch_order(key, 0, 50), epoch_order(key, 0, 50), epoch_order(key, 1, 50)
+    np.testing.assert_array_equal(np.sort(o0), np.arange(50))
+    np.testing.assert_array_equal(o0, o0b)
+    assert not np.array_equal(o0, o1)
+    assert steps_per_epoch(50, 16) == 3 and steps_per_epoch(50, 16, max_steps=2) == 2
+    np.testing.assert_array_equal(batch_indices(o0, 2, 16), o0[32:48])
+    with pytest.raises(ValueError, match="larger than"):
+        steps_per_epoch(10, 16)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_random_crop_flip_is_a_shifted_possibly_flipped_crop(channels_first):
+    p = 2
+    x = jax.random.uniform(jax.random.PRNGKey(0), (6, 5, 5, 2))
+    xin = jnp.moveaxis(x, -1, 1) if channels_first else x
+    out = random_crop_flip(jax.random.PRNGKey(1), xin, padding=p, channels_first=channels_first)
+    out = np.asarray(jnp.moveaxis(out, 1, -1) if channels_first else out)
+    padded = np.pad(np.asarray(x), ((0, 0), (p, p), (p, p), (0, 0)))
+    kinds = set()
+    for i in range(len(x)):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            for flip in (False, True)
+            if np.array_equal(out[i], padded[i, dy : dy + 5, dx : dx + 5][:, :: -1 if flip else 1])
+        ]
+        assert matches, f"image {i} is not a crop of its padded input"
+        kinds.add(matches[0])
+    assert len(kinds) > 1  # not the same transform for every image
