@@ -251,21 +251,6 @@ def test_project_keeps_conductances_nonnegative_under_jit():
         bumped.relax(*example(bumped))
 
 
-def test_batched_jitted_relax_matches_single_examples():
-    model = make()
-    xs = jax.random.uniform(jax.random.PRNGKey(2), (4, SIZES[0]), jnp.float64)
-    ys = jnp.arange(4) % SIZES[-1]
-
-    @eqx.filter_jit
-    def batch(m, xs, ys):
-        return jax.vmap(lambda x, y: m.relax(x, y, 0.5, solver=SOLVER).value)(xs, ys)
-
-    out = batch(model, xs, ys)
-    one = solve(model, xs[2], jax.nn.one_hot(ys[2], SIZES[-1]), 0.5)
-    for a, b in zip(out, one, strict=True):
-        np.testing.assert_allclose(a[2], b, atol=1e-12)
-
-
 def test_bad_input_raises_naming_the_problem():
     good = make()
     w = list(good.weights)
@@ -323,6 +308,10 @@ def test_ep_rbp_and_bptt_agree_on_the_same_circuit():
     assert float(report.overall.cosine) > 0.9999
     for k in out:
         np.testing.assert_allclose(out[k][0], out["rbp"][0], rtol=1e-9)
+    # Batched (vmapped, jitted) equilibria equal the single-example solve.
+    one = solve(model, xs[2], ys[2], 0.0)
+    for a, b in zip(out["rbp"][2]["state"], one, strict=True):
+        np.testing.assert_allclose(a[2], b, atol=1e-12)
     # The local-rule estimator, with the same phases, gives EP's estimate to rounding.
     local = eqx.filter_jit(ResistiveEP(beta=1e-3, free_steps=300, nudged_steps=300))
     loss, g, _ = local(model, xs, ys)

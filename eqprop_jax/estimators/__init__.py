@@ -6,6 +6,7 @@ from .continual_ep import ContinualEP
 from .dtp import DTP
 from .ep import EquilibriumProp
 from .rbp import RecurrentBackprop
+from .resistive_ep import ResistiveEP
 from .vector_field_ep import VectorFieldEP
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "DTP",
     "ContinualEP",
     "VectorFieldEP",
+    "ResistiveEP",
 ]

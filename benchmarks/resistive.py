@@ -1,0 +1,139 @@
+"""Deep resistive networks: sweeps to converge and time per exact coordinate-descent sweep.
+
+For DRN 784x2-H-10x2 (Scellier 2024's DRN-XS has H = 100, DRN-XL H = 32768) on the
+first MNIST test images (random inputs if the data is absent), this measures
+
+- sweeps to converge: Picard on `ResistiveNetwork.step` until max |ΔV| ≤ tol, for the
+  free phase (β = 0, from zero volts) and the nudged phase (β = 1, from the free
+  equilibrium), batch 4, per-example step counts (mean and max);
+- time per sweep: a jitted `lax.scan` of `--sweeps` sweeps vmapped over the batch,
+  compile time (first call, trace + compile + run) apart from the steady state
+  (median of `--repeats` calls, each ended by `block_until_ready`).
+
+    python benchmarks/resistive.py --hidden 100 1024 4096 32768 --batch 4 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqprop_jax.models.resistive import ResistiveNetwork
+from eqprop_jax.solvers.picard import Picard
+
+MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+def inputs(n: int) -> np.ndarray:
+    path = os.path.join(MNIST, "t10k-images-idx3-ubyte.gz")
+    if os.path.exists(path):
+        import gzip
+
+        with gzip.open(path, "rb") as f:
+            data = np.frombuffer(f.read(), np.uint8, offset=16)
+        return data[: n * 784].reshape(n, 784).astype(np.float32) / 255.0
+    return np.random.default_rng(0).uniform(size=(n, 784)).astype(np.float32)
+
+
+def sweeps_to_converge(model, x, y, tol, max_steps):
+    solver = Picard(tol=tol, rtol=0.0, max_steps=max_steps)
+
+    @jax.jit
+    def run(x, y):
+        def one(xi, yi):
+            free = model.relax(xi, yi, 0.0, solver=solver)
+            nudged = model.relax(xi, yi, 1.0, free.value, solver=solver)
+            return free.stats.steps, nudged.stats.steps, free.result, nudged.result
+
+        return jax.vmap(one)(x, y)
+
+    return [np.asarray(a) for a in run(x, y)]
+
+
+def time_sweeps(model, x, y, sweeps, repeats):
+    @jax.jit
+    def run(x, y):
+        def one(xi, yi):
+            def body(s, _):
+                return model.step(s, xi, yi, 0.0), None
+
+            return jax.lax.scan(body, model.init_state(xi), length=sweeps)[0]
+
+        return jax.vmap(one)(x, y)
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(x, y))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(x, y))
+        times.append(time.perf_counter() - t0)
+    steady = statistics.median(times)
+    return first - steady, steady / sweeps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=[100, 1024, 4096, 32768])
+    p.add_argument("--batch", type=int, nargs="+", default=[4, 64])
+    p.add_argument("--sweeps", type=int, default=5, help="sweeps per timed call")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tol", type=float, default=1e-4, help="volts, on max |ΔV| per sweep")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--input-gain", type=float, default=48.0)
+    args = p.parse_args(argv)
+
+    load = os.getloadavg()
+    print(
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} {jax.devices()[0].platform}, float32, "
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
+    x_all = inputs(max(args.batch))
+    print(
+        "| hidden | batch | free sweeps mean/max | nudged sweeps mean/max | compile s "
+        "| ms per sweep | µs per sweep per example |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for hidden in args.hidden:
+        model = ResistiveNetwork(
+            (784, hidden, 10), key=jax.random.PRNGKey(0), input_gain=args.input_gain
+        )
+        conv = None
+        for batch in args.batch:
+            x = jnp.asarray(x_all[:batch])
+            y = jnp.arange(batch) % 10
+            if conv is None:
+                free, nudged, r_free, r_nudged = sweeps_to_converge(
+                    model, x[:4], y[:4], args.tol, args.max_steps
+                )
+                ok = bool(np.all(r_free == 0) and np.all(r_nudged == 0))
+                conv = (
+                    f"{free.mean():.1f}/{free.max()}",
+                    f"{nudged.mean():.1f}/{nudged.max()}" + ("" if ok else " (not all)"),
+                )
+            compile_s, per_sweep = time_sweeps(model, x, y, args.sweeps, args.repeats)
+            row = (hidden, batch, *conv, compile_s, 1e3 * per_sweep, 1e6 * per_sweep / batch)
+            rows.append(row)
+            print(
+                f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]:.2f} | {row[5]:.3f} "
+                f"| {row[6]:.1f} |",
+                flush=True,
+            )
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
