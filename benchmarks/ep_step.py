@@ -45,20 +45,21 @@ def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
 
 
 def matmul_flops(sizes, batch, free, nudged):
-    """The matmul FLOPs of one EP step and one BPTT step (a work model, per batch).
+    """The matmul FLOPs one EP step and one BPTT step need (a work model, per batch).
 
-    The input projection W_0 x is loop-invariant, so it is counted once per phase
-    (XLA hoists it out of the relaxation loop: the step time barely depends on T).
-    Each relaxation step multiplies by every other W and Wᵀ; EP's weight gradient is
-    one outer product per layer and phase. Autodiff through T steps (BPTT) backprops
-    through every W and Wᵀ and forms every weight's outer product at every step,
-    the input weight's included.
+    The input projection W_0 x is loop-invariant: it is needed once (XLA hoists it
+    out of the relaxation loops and shares it between the phases; the compiled HLO
+    holds one 784-wide product, outside every while loop). Every relaxation step
+    multiplies by the other W and Wᵀ. The input weight's gradient is one outer
+    product in both methods (EP: (s^β_1 − s^0_1) xᵀ / β; BPTT: (Σ_t δ_t) xᵀ). EP forms
+    the other weights' outer products for its two states; BPTT backpropagates
+    through all T steps, the state cotangent through every W and Wᵀ and one outer
+    product per use of a weight and step.
     """
     n0n1 = sizes[0] * sizes[1]
     inner = sum(a * b for a, b in zip(sizes[1:-1], sizes[2:], strict=True))
-    outer = n0n1 + inner
-    ep = 2 * (2 * n0n1) + (free + nudged) * 4 * inner + 2 * 2 * outer
-    bptt = 2 * n0n1 + free * 4 * inner + free * (8 * inner + 2 * n0n1)
+    ep = 2 * n0n1 + (free + nudged) * 4 * inner + 2 * n0n1 + 2 * 2 * inner
+    bptt = 2 * n0n1 + free * 4 * inner + free * 8 * inner + 2 * n0n1
     return {"EP": ep * batch, "BPTT": bptt * batch}
 
 
