@@ -254,6 +254,13 @@ def test_bad_input_raises_clear_errors():
         ep(model, x, jnp.array([0, 1, 3]))
     with pytest.raises(ValueError, match="labels out of range"):
         eqp.BPTT(5)(model, x, jnp.array([0, -1, 2]))
+    with pytest.raises(Exception, match="labels out of range"):
+        # Under jit label values are unknown in Python: a run-time check still fires.
+        _run(eqp.BPTT(2), model, x, jnp.array([0, 1, 3]))
+    with pytest.raises(ValueError, match="holomorphic activation"):
+        eqp.EquilibriumProp(0.1, variant="holomorphic")(
+            _model(dynamics="gradient", activation="hard_sigmoid"), x, y
+        )
     with pytest.raises(ValueError, match="different numbers of examples"):
         eqp.RecurrentBackprop()(model, x, y[:2])
     with pytest.raises(TypeError, match="floating point"):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 
-def check_batch(who: str, model, x: Array, y: Array) -> None:
-    """Raise a clear error for a batch `x, y` the model cannot take (before tracing)."""
+def check_batch(who: str, model, x: Array, y: Array) -> Array:
+    """Raise a clear error for a batch `x, y` the model cannot take (before tracing).
+
+    Returns `y`. Under `jit` label values are not known in Python; then integer labels
+    come back wrapped in a run-time check (`eqx.error_if`) against the model's
+    `n_outputs`, so an out-of-range label fails loudly instead of one-hot encoding to
+    zeros.
+    """
     if jnp.ndim(x) < 1 or jnp.ndim(y) < 1:
         raise ValueError(
             f"{who}: x and y must be batches with a leading axis; got shapes "
@@ -22,6 +29,14 @@ def check_batch(who: str, model, x: Array, y: Array) -> None:
     check = getattr(model, "check_input", None)
     if check is not None:
         check(x, y)
+    n_out = getattr(model, "n_outputs", None)
+    if (
+        isinstance(y, jax.core.Tracer)
+        and isinstance(n_out, int)
+        and jnp.issubdtype(jnp.result_type(y), jnp.integer)
+    ):
+        y = eqx.error_if(y, (y < 0) | (y >= n_out), f"{who}: labels out of range (0..{n_out - 1})")
+    return y
 
 
 def batch_mean(fn, *args):

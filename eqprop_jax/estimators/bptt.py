@@ -44,7 +44,7 @@ class BPTT(Estimator):
     def __call__(
         self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
-        check_batch("BPTT", model, x, y)
+        y = check_batch("BPTT", model, x, y)
         n_grad = self.steps if self.truncate is None else self.truncate
 
         def run(m, xi, yi):

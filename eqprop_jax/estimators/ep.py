@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ..models.activations import HOLOMORPHIC
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
 from ._batch import check_batch
@@ -119,7 +120,13 @@ class EquilibriumProp(Estimator):
     def __call__(
         self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
-        check_batch("EquilibriumProp", model, x, y)
+        y = check_batch("EquilibriumProp", model, x, y)
+        act = getattr(model, "activation", None)
+        if self.variant == "holomorphic" and isinstance(act, str) and act not in HOLOMORPHIC:
+            raise ValueError(
+                f"EquilibriumProp: holomorphic EP needs a holomorphic activation, but the "
+                f"model uses {act!r}; use one of {sorted(HOLOMORPHIC)}."
+            )
         beta = jnp.asarray(self.beta)
         if self.random_sign:
             if key is None:

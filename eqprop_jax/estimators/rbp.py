@@ -45,7 +45,7 @@ class RecurrentBackprop(Estimator):
     def __call__(
         self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
-        check_batch("RecurrentBackprop", model, x, y)
+        y = check_batch("RecurrentBackprop", model, x, y)
 
         def run(m, xi, yi):
             sol = m.relax(xi, yi, 0.0, solver=self.solver, adjoint=self.adjoint)
