@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[0.01, 0.03, 0.1, 0.3, 1.0],
         help="the β values of the EP sweep",
     )
+    a.add_argument(
+        "--estimators", nargs="+", default=None, help="a subset of the preset's estimators"
+    )
     a.add_argument("--float32", action="store_true", help="compute in float32 (default: float64)")
     a.add_argument("--no-plot", action="store_true")
 
@@ -190,7 +193,7 @@ def _align(args) -> int:
 
     from .data import batch_indices, epoch_order
     from .diagnostics import gradient_alignment
-    from .presets import cast_floats, get_preset
+    from .presets import PresetError, cast_floats, get_preset
 
     preset = get_preset(args.preset)
     data = _in_layout(_dataset(args, preset), preset)
@@ -214,6 +217,22 @@ def _align(args) -> int:
 
     ref_name = "backprop" if preset.family == "layered" else "rbp-implicit"
     names = [n for n in preset.estimators() if n != ref_name]
+    if args.estimators:
+        unknown = [n for n in args.estimators if n not in names]
+        if unknown:
+            raise PresetError(
+                f"estimator(s) {unknown} do not apply to preset {preset.name!r}; choose among: "
+                f"{', '.join(names)}."
+            )
+        names = list(args.estimators)
+
+    def make(name, beta=None):
+        # β as an array is traced, so the β sweep reuses one compilation per variant.
+        if preset.family == "energy" and name.startswith("ep-"):
+            beta = preset.ep.beta if beta is None else beta
+            return preset.make_estimator(name, beta=jnp.asarray(beta, dtype))
+        return preset.make_estimator(name)
+
     t0 = time.perf_counter()
     ref_loss, ref = run(preset.make_estimator(ref_name), model, x, y, key)
     print(
@@ -224,8 +243,7 @@ def _align(args) -> int:
     results, reports = {}, {}
     for name in names:
         t0 = time.perf_counter()
-        est = preset.make_estimator(name)
-        _, g = run(est, model, x, y, key)
+        _, g = run(make(name), model, x, y, key)
         reports[name] = gradient_alignment(g, ref)
         results[name] = {
             "time_s": time.perf_counter() - t0,
@@ -252,8 +270,7 @@ def _align(args) -> int:
         for name in (n for n in names if n.startswith("ep-")):
             sweep[name] = []
             for beta in args.betas:
-                est = preset.make_estimator(name, beta=jnp.asarray(beta, dtype))
-                _, g = run(est, model, x, y, key)
+                _, g = run(make(name, beta), model, x, y, key)
                 rep = gradient_alignment(g, ref)
                 sweep[name].append(
                     {

@@ -294,6 +294,8 @@ def fit(
         frozen=cfg.frozen,
     )
     opt_state = tx.init(params)
+    # The step donates its buffers: work on copies so the caller's model stays usable.
+    model = jtu.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
 
     mesh = None
     if cfg.shard and len(jax.local_devices()) > 1:

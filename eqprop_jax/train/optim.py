@@ -131,7 +131,8 @@ def make_optimizer(
         transforms[label] = _one(
             float(label), optimizer, momentum, weight_decay, schedule, total_steps, warmup_steps
         )
-    return optax.multi_transform(transforms, labels)
+    # A callable, since a model with `__call__` passed as labels would be called by optax.
+    return optax.multi_transform(transforms, lambda _: labels)
 
 
 def _one(rate, optimizer, momentum, weight_decay, schedule, total_steps, warmup_steps):
