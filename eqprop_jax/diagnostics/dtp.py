@@ -29,6 +29,7 @@ from ..models.layered import ConvFeedback, DenseFeedback, LayeredNet, transpose_
 from .alignment import Alignment, gradient_alignment
 
 
+@eqx.filter_jit
 def backprop_gradients(model: LayeredNet, x: Array, y: Array) -> tuple[Array, PyTree]:
     """Batch-mean cross-entropy and its autodiff gradient (structure of the filtered model)."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -130,7 +131,9 @@ def dtp_alignment(
         raise ValueError(
             f"dtp_alignment: need beta > 0 and gn_damping >= 0, got {beta}, {gn_damping}."
         )
-    loss, g_bp, g_dtp, g_gn = _all_grads(model, x, y, beta, gn_damping, gauss_newton)
+    dtype = jnp.result_type(x)
+    beta_a, damping_a = jnp.asarray(beta, dtype), jnp.asarray(gn_damping, dtype)
+    loss, g_bp, g_dtp, g_gn = _all_grads(model, x, y, beta_a, damping_a, gauss_newton)
     n_layers = model.num_layers
     nan = np.full(n_layers, np.nan)
     out = {

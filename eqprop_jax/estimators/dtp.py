@@ -207,7 +207,8 @@ class DTP(Estimator):
         self, model: LayeredNet, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
         x, y = _check_data(model, x, y, "__call__")
-        return _estimate(self, model, x, y)
+        # β as an array: one compiled estimate serves every β (sweeps β -> 0).
+        return _estimate(model, x, y, jnp.asarray(self.beta, x.dtype))
 
     def pre_step(
         self, model: LayeredNet, x: Array, y: Array, *, key: PRNGKeyArray | None = None
@@ -327,8 +328,8 @@ def dtp_gradients(model: LayeredNet, x: Array, y: Array, beta: float) -> tuple[A
 
 
 @eqx.filter_jit
-def _estimate(est: DTP, model: LayeredNet, x: Array, y: Array):
-    return dtp_gradients(model, x, y, est.beta)
+def _estimate(model: LayeredNet, x: Array, y: Array, beta: Array):
+    return dtp_gradients(model, x, y, beta)
 
 
 __all__ = [
