@@ -1,5 +1,6 @@
 """eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
 
+from . import data, train  # the submodules eqp.data and eqp.train
 from ._solution import Result, Solution, Stats
 from .adjoints import (
     AbstractAdjoint,
@@ -26,6 +27,8 @@ from .solvers import AbstractSolver, Anderson, Broyden, Picard
 __version__ = "0.1.0"
 
 __all__ = [
+    "data",
+    "train",
     "AbstractAdjoint",
     "AbstractSolver",
     "AdjointStats",
