@@ -121,6 +121,34 @@ def _fill_missing(grads: PyTree, params: PyTree) -> PyTree:
     )
 
 
+class _StepSpec(eqx.Module):
+    """What a training step closes over; hashable, so equal specs share one compilation."""
+
+    estimator: Any
+    tx: Any = eqx.field(static=True)
+    augment: bool = eqx.field(static=True)
+    channels_first: bool = eqx.field(static=True)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def _train_step(spec: _StepSpec, model, opt_state, x, y, key):
+    estimator = spec.estimator
+    k_aug, k_pre, k_est = jax.random.split(key, 3)
+    if spec.augment:
+        x = random_crop_flip(k_aug, x, channels_first=spec.channels_first)
+    new = estimator.pre_step(model, x, y, key=k_pre)
+    loss, grads, _ = estimator(new, x, y, key=k_est)
+    params = eqx.filter(new, eqx.is_inexact_array)
+    grads = _fill_missing(grads, params)
+    ok = jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(params)
+    updates, new_opt = spec.tx.update(grads, opt_state, params)
+    new = _project(eqx.apply_updates(new, updates))
+    keep = lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a
+    model = jtu.tree_map(keep, new, model)
+    opt_state = jtu.tree_map(keep, new_opt, opt_state)
+    return model, opt_state, loss, ok
+
+
 def make_train_step(
     estimator, tx, *, augment: bool = False, channels_first: bool = False
 ) -> Callable:
@@ -129,26 +157,52 @@ def make_train_step(
     One step: the estimator's `pre_step` (e.g. DTP's feedback training), the
     gradient estimate, the optax update, then projection onto the model's admissible
     set. If the loss or any gradient is NaN/inf the old model and optimiser state are
-    returned unchanged and `ok` is False. The model and optimiser state are donated.
+    returned unchanged and `ok` is False. The model, optimiser state and batch are
+    donated (the caller must not reuse them).
     """
+    spec = _StepSpec(estimator, tx, augment, channels_first)
+    return lambda model, opt_state, x, y, key: _train_step(spec, model, opt_state, x, y, key)
 
-    def step(model, opt_state, x, y, key):
-        k_aug, k_pre, k_est = jax.random.split(key, 3)
-        if augment:
-            x = random_crop_flip(k_aug, x, channels_first=channels_first)
-        new = estimator.pre_step(model, x, y, key=k_pre)
-        loss, grads, _ = estimator(new, x, y, key=k_est)
-        params = eqx.filter(new, eqx.is_inexact_array)
-        grads = _fill_missing(grads, params)
-        ok = jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(params)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new = _project(eqx.apply_updates(new, updates))
-        keep = lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a
-        model = jtu.tree_map(keep, new, model)
-        opt_state = jtu.tree_map(keep, new_opt, opt_state)
-        return model, opt_state, loss, ok
 
-    return eqx.filter_jit(step, donate="all")
+# Optimisers by settings and parameter layout: the same settings give the same `tx`
+# object, so a resumed or repeated run in one process reuses the compiled step.
+_TX_CACHE: dict = {}
+
+
+def _optimizer(params, cfg: TrainConfig, total_steps: int, spe: int):
+    leaves = jtu.tree_leaves_with_path(params)
+    layout = (
+        jtu.tree_structure(params),
+        tuple((jtu.keystr(p), a.shape, str(a.dtype)) for p, a in leaves),
+    )
+    lr = cfg.lr if not isinstance(cfg.lr, Mapping) else tuple(cfg.lr.items())
+    lr = tuple(lr) if isinstance(lr, list) else lr
+    settings = (
+        lr,
+        cfg.optimizer,
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.schedule,
+        total_steps if cfg.schedule != "constant" else None,
+        cfg.warmup_epochs * spe,
+        cfg.frozen,
+    )
+    key = (layout, settings)
+    if key not in _TX_CACHE:
+        if len(_TX_CACHE) > 32:
+            _TX_CACHE.clear()
+        _TX_CACHE[key] = make_optimizer(
+            params,
+            lr=cfg.lr,
+            optimizer=cfg.optimizer,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            schedule=cfg.schedule,
+            total_steps=total_steps,
+            warmup_steps=cfg.warmup_epochs * spe,
+            frozen=cfg.frozen,
+        )
+    return _TX_CACHE[key]
 
 
 def _predict_one(model, x, y, solver):
@@ -282,17 +336,7 @@ def fit(
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
 
     params = eqx.filter(model, eqx.is_inexact_array)
-    tx = make_optimizer(
-        params,
-        lr=cfg.lr,
-        optimizer=cfg.optimizer,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        total_steps=total_steps,
-        warmup_steps=cfg.warmup_epochs * spe,
-        frozen=cfg.frozen,
-    )
+    tx = _optimizer(params, cfg, total_steps, spe)
     opt_state = tx.init(params)
     # The step donates its buffers: work on copies so the caller's model stays usable.
     model = jtu.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
