@@ -116,7 +116,9 @@ class Preset:
             return rbp(adjoint=adjoint, solver=picard(tol=0.0, max_steps=ep.free_steps))
         # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
         implicit = _load("adjoints", "Implicit")
-        return rbp(adjoint=implicit(tol=1e-10), solver=picard(tol=1e-10, max_steps=5000))
+        return rbp(
+            adjoint=implicit(tol=1e-9, max_steps=200), solver=picard(tol=1e-10, max_steps=5000)
+        )
 
     def eval_solver(self):
         if self.family == "energy" and self.ep is not None:
