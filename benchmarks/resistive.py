@@ -22,6 +22,7 @@ import statistics
 import time
 from datetime import UTC, datetime
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,10 @@ def inputs(n: int) -> np.ndarray:
 def sweeps_to_converge(model, x, y, tol, max_steps):
     solver = Picard(tol=tol, rtol=0.0, max_steps=max_steps)
 
-    @jax.jit
-    def run(x, y):
+    # The model is an argument, not a closed-over constant, so XLA cannot fold its
+    # conductances into the program (as in training, where they change every step).
+    @eqx.filter_jit
+    def run(model, x, y):
         def one(xi, yi):
             free = model.relax(xi, yi, 0.0, solver=solver)
             nudged = model.relax(xi, yi, 1.0, free.value, solver=solver)
@@ -55,12 +58,12 @@ def sweeps_to_converge(model, x, y, tol, max_steps):
 
         return jax.vmap(one)(x, y)
 
-    return [np.asarray(a) for a in run(x, y)]
+    return [np.asarray(a) for a in run(model, x, y)]
 
 
 def time_sweeps(model, x, y, sweeps, repeats):
-    @jax.jit
-    def run(x, y):
+    @eqx.filter_jit
+    def run(model, x, y):
         def one(xi, yi):
             def body(s, _):
                 return model.step(s, xi, yi, 0.0), None
@@ -70,12 +73,12 @@ def time_sweeps(model, x, y, sweeps, repeats):
         return jax.vmap(one)(x, y)
 
     t0 = time.perf_counter()
-    jax.block_until_ready(run(x, y))
+    jax.block_until_ready(run(model, x, y))
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(x, y))
+        jax.block_until_ready(run(model, x, y))
         times.append(time.perf_counter() - t0)
     steady = statistics.median(times)
     return first - steady, steady / sweeps

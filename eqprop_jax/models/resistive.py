@@ -364,7 +364,10 @@ class ResistiveNetwork(EnergyModel):
         self._check_x(x)
         if s0 is not None:
             self.check_state(s0)
-            s0 = tuple(s0)
+            s0 = tuple(
+                eqx.error_if(v, ~jnp.all(jnp.isfinite(v)), "ResistiveNetwork: s0 holds NaN/inf.")
+                for v in s0
+            )
         if not _is_tracer(x) and not np.all(np.isfinite(np.asarray(x))):
             raise ValueError("ResistiveNetwork: the input x holds NaN or inf voltages.")
         x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "ResistiveNetwork: input x holds NaN/inf.")
