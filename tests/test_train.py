@@ -290,7 +290,12 @@ def _arrays(path):
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_parameters(tmp_path):
-    env = _env()
+    # A persistent compilation cache lets the second and third processes skip compiling.
+    env = _env(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     ref = subprocess.run(
         _cli(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300
     )
