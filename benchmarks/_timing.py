@@ -31,17 +31,21 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Timing:
-    """Compile time (s), steady-state median and min (s), and number of timed runs."""
+    """Compile time (s); steady-state wall-clock median and min (s); process CPU time
+    median (s, all threads: what the call cost, whatever else ran on the machine);
+    number of timed runs."""
 
     compile_s: float
     median_s: float
     min_s: float
+    cpu_median_s: float
     runs: int
 
     def __str__(self) -> str:
         return (
-            f"compile {self.compile_s:.3f} s, median {self.median_s * 1e3:.2f} ms "
-            f"(min {self.min_s * 1e3:.2f} ms, {self.runs} runs)"
+            f"compile {self.compile_s:.3f} s, wall median {self.median_s * 1e3:.2f} ms "
+            f"(min {self.min_s * 1e3:.2f} ms), CPU median {self.cpu_median_s * 1e3:.2f} ms, "
+            f"{self.runs} runs"
         )
 
 
@@ -53,30 +57,34 @@ def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any
     return compiled, time.perf_counter() - t0
 
 
-def run_once(compiled: Callable[..., Any], *args: Any) -> float:
-    """Seconds of one call of `compiled(*args)`, ended by `jax.block_until_ready`."""
-    t = time.perf_counter()
+def run_once(compiled: Callable[..., Any], *args: Any) -> tuple[float, float]:
+    """Wall-clock and process-CPU seconds of one call of `compiled(*args)`, ended by
+    `jax.block_until_ready`."""
+    t, c = time.perf_counter(), time.process_time()
     jax.block_until_ready(compiled(*args))
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def interleaved(
-    calls: dict[str, tuple[Callable[..., Any], tuple]], rounds: int
-) -> dict[str, list[float]]:
+    calls: dict[Any, tuple[Callable[..., Any], tuple]], rounds: int
+) -> dict[Any, list[tuple[float, float]]]:
     """Time several compiled calls round-robin, `rounds` times each (after one
     untimed warm-up call each), so that a change in the load of a shared machine
     hits every call alike rather than whichever happened to run then."""
     for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {k: [] for k in calls}
+    times: dict[Any, list[tuple[float, float]]] = {k: [] for k in calls}
     for _ in range(rounds):
         for k, (fn, args) in calls.items():
             times[k].append(run_once(fn, *args))
     return times
 
 
-def summarize(compile_s: float, times: list[float]) -> Timing:
-    return Timing(compile_s, statistics.median(times), min(times), len(times))
+def summarize(compile_s: float, times: list[tuple[float, float]]) -> Timing:
+    """A `Timing` from (wall, cpu) pairs as returned by `run_once`."""
+    wall = [w for w, _ in times]
+    cpu = [c for _, c in times]
+    return Timing(compile_s, statistics.median(wall), min(wall), statistics.median(cpu), len(times))
 
 
 def time_jitted(
@@ -102,8 +110,11 @@ def time_jitted(
     return summarize(compile_s, times), out
 
 
-def matmul_gflops(m: int, k: int, n: int, *, chain: int = 100, min_time: float = 0.5) -> float:
-    """Measured float32 GFLOP/s of an (m, k) @ (k, n) matmul on the default device.
+def matmul_gflops(
+    m: int, k: int, n: int, *, chain: int = 100, min_time: float = 0.5
+) -> tuple[float, float]:
+    """Measured float32 GFLOP/s of an (m, k) @ (k, n) matmul on the default device:
+    (per wall-clock second at the fastest run, per CPU second at the median run).
 
     `chain` dependent matmuls run inside one `lax.fori_loop` (x <- x @ Q with Q
     orthogonal, so values stay bounded and XLA cannot hoist the product out of the
@@ -120,8 +131,9 @@ def matmul_gflops(m: int, k: int, n: int, *, chain: int = 100, min_time: float =
         return jax.lax.fori_loop(0, chain, lambda _, x: x @ q, a)
 
     timing, _ = time_jitted(chained, a, q, min_runs=5, max_runs=200, min_time=min_time)
-    # The minimum, not the median: on a shared CPU, load only ever adds time.
-    return 2.0 * m * k * n * chain / timing.min_s / 1e9
+    # Wall: the minimum, since on a shared CPU load only ever adds time.
+    flop = 2.0 * m * k * n * chain
+    return flop / timing.min_s / 1e9, flop / timing.cpu_median_s / 1e9
 
 
 def load_average() -> str:
