@@ -15,7 +15,8 @@ max_j |f(z)_j − z_j| / (atol + rtol |z_j|) ≤ 1 (eqprop_jax scales by |z|, op
 by |f(z)|), with atol = rtol = `tol`. jaxopt stops when ‖f(z) − z‖₂ ≤ tol_jaxopt
 (its own ℓ2 norm, `jaxopt/_src/fixed_point_iteration.py`; the Anderson solver uses the
 same residual norm); we give it tol_jaxopt = `tol`, which implies the rule above
-(‖r‖∞ ≤ ‖r‖₂), so jaxopt is never asked for less accuracy. Every row reports what it
+(‖r‖∞ ≤ ‖r‖₂), so jaxopt is never asked for less accuracy; one row also gives it
+√d·`tol` (looser than the rule), so the two bracket equal accuracy. Every row reports what it
 achieved: the largest scaled residual in the shared rule (≤ 1 means the rule holds),
 the forward error against a float64 solve, and the gradient's relative error against
 a float64 dense implicit-function-theorem solve. Backward solves: eqprop_jax's
@@ -28,10 +29,16 @@ normal equations with jax's default tolerance 1e-5, the "gmres" row uses
 Batching. "vmap" rows solve each example on its own under `jax.vmap` (per-example
 stopping; the batched while loop runs until the slowest example stops). "batch" rows
 solve the whole (B, d) state as one fixed point: the stopping rule then covers the
-whole batch (max norm for eqprop_jax/optimistix, ℓ2 norm over the batch for jaxopt).
+whole batch (max norm for eqprop_jax/optimistix; for jaxopt ‖R‖_F ≤ √B·`tol`, the
+batch analogue of its per-example rule).
 
-Run: `python benchmarks/solvers.py` (full, a few minutes on 2 CPU cores) or
-`python benchmarks/solvers.py --quick` (tiny sizes, seconds).
+Timing: every configuration is compiled first (compile time reported apart), then all
+are called round-robin (`benchmarks/_timing.py`), reporting median process CPU time
+and the fastest wall-clock call, since the machine is shared.
+
+Run: `python benchmarks/solvers.py` (full: ~25 min on a 2-core box under load 10,
+most of it XLA compilation and the max_steps sweep; `--no-sweep` skips the sweep) or
+`python benchmarks/solvers.py --quick` (tiny sizes, three rows: ~35 s, mostly compiling).
 """
 
 from __future__ import annotations
