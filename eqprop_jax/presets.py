@@ -117,7 +117,7 @@ class Preset:
         # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
         implicit = _load("adjoints", "Implicit")
         return rbp(
-            adjoint=implicit(tol=1e-9, max_steps=200), solver=picard(tol=1e-10, max_steps=5000)
+            adjoint=implicit(tol=1e-8, max_steps=200), solver=picard(tol=1e-10, max_steps=5000)
         )
 
     def eval_solver(self):
