@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PresetError, DataError, CheckpointError, TrainingError) as e:
         _err(str(e))
         return 1
+    except ValueError as e:
+        # Bad settings or shapes: the library's ValueErrors name the problem.
+        _err(f"{type(e).__name__}: {e}")
+        return 1
     except KeyboardInterrupt:
         _err("interrupted.")
         return 130
