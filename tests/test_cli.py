@@ -147,3 +147,29 @@ def test_preset_estimators_build(name):
             p.make_estimator(est)
         except PresetError as e:
             assert "not available" in str(e)
+
+
+NOMINAL = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_models_match_their_learning_rates(name):
+    # Each preset builds its model for its dataset's images, and its per-layer learning
+    # rates (when given as a list) match the model's layers.
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eqprop_jax.presets import to_layout
+    from eqprop_jax.train import make_optimizer
+
+    p = get_preset(name)
+    x = to_layout(np.zeros((1, *NOMINAL[p.dataset]), np.float32), p.layout)
+    # Shapes only (eval_shape): the CIFAR-sized models would take long to initialise.
+    model = eqx.filter_eval_shape(p.model, jax.random.PRNGKey(0), x.shape[1:], 10)
+    inexact = lambda a: isinstance(a, jax.ShapeDtypeStruct) and jnp.issubdtype(a.dtype, jnp.inexact)
+    params = eqx.filter(model, inexact)
+    tx = make_optimizer(params, lr=p.train.lr, frozen=p.train.frozen)
+    updates = jax.eval_shape(lambda q: tx.update(q, tx.init(q), q)[0], params)
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
