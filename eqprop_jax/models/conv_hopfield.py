@@ -17,15 +17,17 @@ from .energy import EnergyModel, State
 
 
 def _conv(s: Array, w: Array, padding: int) -> Array:
-    # One example (C, H, W): add a unit batch axis for XLA's convolution.
+    # One example (C, H, W), computed channels-last: XLA:CPU runs channels-first
+    # convolutions inside while loops (our relaxations) through a slow path, up to
+    # ~50x slower (jax-ml/jax#12868); the transposes cost little beside the conv.
     out = lax.conv_general_dilated(
-        s[None],
+        jnp.transpose(s, (1, 2, 0))[None],
         w,
         window_strides=(1, 1),
         padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        dimension_numbers=("NHWC", "OIHW", "NHWC"),
     )
-    return out[0]
+    return jnp.transpose(out[0], (2, 0, 1))
 
 
 def _max_pool(s: Array, size: int) -> Array:
