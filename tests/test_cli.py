@@ -94,6 +94,9 @@ def test_checkpoint_of_another_model_is_refused_and_kept(capsys, tmp_path):
     )
     assert rc == 1 and "written for a different model" in err
     assert "HopfieldMLP" in err
+    # --resume with another seed would change the data order: refused too.
+    rc, _, err = run(capsys, "train", "--resume", "--seed", "3", "--out", str(out), *TINY)
+    assert rc == 1 and "seed 0" in err and "--seed 0" in err
     assert (ckpt.read_bytes(), metrics.read_bytes()) == before
 
 

@@ -368,6 +368,11 @@ def fit(
             (model, opt_state), info = load_checkpoint(
                 ckpt, (model, opt_state), fingerprint=fingerprint, description=description
             )
+            if info.get("seed") != cfg.seed:
+                raise CheckpointError(
+                    f"checkpoint {ckpt} was written by a run with seed {info.get('seed')}; this "
+                    f"run has seed {cfg.seed}. Resume with --seed {info.get('seed')}."
+                )
             if info.get("steps_per_epoch") != spe or info.get("batch_size") != cfg.batch_size:
                 raise CheckpointError(
                     f"checkpoint {ckpt} was written with {info.get('steps_per_epoch')} steps of "
@@ -395,6 +400,8 @@ def fit(
                 "step": step,
                 "loss_sum": loss_sum,
                 "seed": cfg.seed,
+                # The keys of the data order and of the steps derive from this one.
+                "key": np.asarray(root).tolist(),
                 "batch_size": cfg.batch_size,
                 "steps_per_epoch": spe,
                 "fingerprint": fingerprint,
