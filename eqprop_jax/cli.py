@@ -394,6 +394,7 @@ def _bench(args) -> int:
         try:
             spec = importlib.util.spec_from_file_location(f"_eqprop_bench_{name}", path)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
             spec.loader.exec_module(module)
             try:
                 module.main(["--quick"] if args.quick else [])
