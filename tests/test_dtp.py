@@ -76,7 +76,7 @@ def test_conv_transpose_and_unpool_are_adjoints():
 
 def test_constructors_shapes():
     # eval_shape: the shape bookkeeping needs no weights (and no time).
-    assert eqx.filter_eval_shape(lambda: LayeredNet.simple_vgg(key=KEY))().shapes == [
+    assert eqx.filter_eval_shape(lambda: LayeredNet.simple_vgg(key=KEY)).shapes == [
         (3, 32, 32), (128, 16, 16), (128, 8, 8), (256, 4, 4), (256, 2, 2), (512, 1, 1), (10,)
     ]  # fmt: skip
     net = LayeredNet.lenet(key=KEY)

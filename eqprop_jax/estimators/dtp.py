@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..models.layered import LayeredNet
+from ..models.layered import ConvFeedback, LayeredNet
 from .base import Estimator
 
 _VARIANTS = ("lee", "drl", "ldrl")
@@ -167,6 +167,8 @@ class DTP(Estimator):
         noise: σ_n > 0 of the noise ε, η (scalar or one per feedback layer).
         feedback_lr: SGD learning rate of the feedback weights (scalar or per layer).
         drl_lambda: weight λ ≥ 0 of DRL's regulariser ‖G(s+η) − G(s)‖².
+        unroll: `lax.scan` unroll of the K_n feedback steps; None unrolls loops over conv
+            feedback layers with K_n ≤ 64 (much faster on XLA:CPU) and keeps others rolled.
     """
 
     variant: str = eqx.field(static=True, default="ldrl")
@@ -175,6 +177,7 @@ class DTP(Estimator):
     noise: float | tuple[float, ...] = eqx.field(static=True, default=0.1)
     feedback_lr: float | tuple[float, ...] = eqx.field(static=True, default=0.1)
     drl_lambda: float = eqx.field(static=True, default=0.0)
+    unroll: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.variant not in _VARIANTS:
@@ -243,6 +246,16 @@ def _layer_loss(est: DTP, model, n, g, states, ctxs, eps, eta):
     return jnp.mean(per)
 
 
+def _unroll(est: DTP, model: LayeredNet, layers: list[int], k_steps: int) -> int:
+    if est.unroll is not None:
+        return max(1, min(int(est.unroll), k_steps))
+    # XLA:CPU runs convolutions inside a while loop far slower than unrolled (LeNet,
+    # batch 128, K = 5: 14.6 s rolled vs 1.7 s unrolled, and half the compile time), so
+    # loops over conv feedback layers are unrolled when short; dense ones stay rolled.
+    conv = any(isinstance(model.feedback[i], ConvFeedback) for i in layers)
+    return k_steps if conv and k_steps <= 64 else 1
+
+
 def _noise(key, n, states, sigma):
     k1, k2 = jax.random.split(key)
     eps = sigma * jax.random.normal(k1, states[n - 1].shape, states[n - 1].dtype)
@@ -280,7 +293,10 @@ def _train_feedback(est: DTP, model: LayeredNet, x: Array, key: PRNGKeyArray) ->
             return out, None
 
         params, _ = jax.lax.scan(
-            sgd, params, jax.random.split(jax.random.fold_in(key, g_idx), k_steps)
+            sgd,
+            params,
+            jax.random.split(jax.random.fold_in(key, g_idx), k_steps),
+            unroll=_unroll(est, model, layers, k_steps),
         )
         for j, i in enumerate(layers):
             new_feedback[i] = eqx.combine(params[j], parts[j][1])
