@@ -196,12 +196,16 @@ def main(argv=None):
             t = np.mean([e["time"] for e in h[1:]]) if len(h) > 1 else h[0]["time"]
             lines.append(
                 f"| {arch} | {method} | {100 * last['test_error']:.2f}% | {t:.1f} | "
-                f"{fmt(last['weight_angle'])} | {fmt(last['update_angle'])} | "
-                f"{fmt(last['gn_angle'])} |"
+                + (
+                    f"{fmt(last['weight_angle'])} | {fmt(last['update_angle'])} | "
+                    f"{fmt(last['gn_angle'])} |"
+                    if method == "ldrl"
+                    else "n/a (feedback untrained) | | |"
+                )
             )
         lines.append(
-            "\nTime/epoch excludes nothing but evaluation: the first epoch includes compilation "
-            "(the mean over epochs 2.. is given when there are several)."
+            "\nTime/epoch is training only (evaluation excluded); the first epoch includes "
+            "compilation (the mean over epochs 2.. is given when there are several)."
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
