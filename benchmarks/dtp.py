@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    cli = sys.argv[1:] if argv is None else list(argv)
     rows = []
     for name, model, x, y, est in setups(
         args.models, args.batch, args.vgg_batch, jax.random.PRNGKey(0)
@@ -120,7 +122,7 @@ def main(argv=None):
             f"\n## Step time: L-DRL vs backprop ({now:%Y-%m-%d %H:%M} UTC)\n",
             f"Machine: 2-core CPU container, jax {jax.__version__}, float32; "
             f"load at the end: `{load}`.",
-            "Command: `python benchmarks/dtp.py " + " ".join(argv or []) + "`",
+            "Command: `python benchmarks/dtp.py " + " ".join(cli) + "`",
             "Synthetic data. One step = (DTP: L-DRL feedback training with K_n steps per "
             "layer + DTP estimate) + SGD on the forward weights; median of "
             f"{args.repeats} calls; compile = first call minus steady call. MLP "

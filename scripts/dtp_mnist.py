@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def main(argv=None):
     p.add_argument("--fb-lr", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    cli = sys.argv[1:] if argv is None else list(argv)
     data = load_mnist()
     rows, lines = [], []
     for arch in args.arch:
@@ -178,7 +180,7 @@ def main(argv=None):
             f"\n## MNIST: L-DRL vs backprop ({now:%Y-%m-%d %H:%M} UTC)\n",
             f"Machine: 2-core CPU container, jax {jax.__version__} ({platform.machine()}, "
             f"{os.cpu_count()} CPUs); load at the end: `{load}`.",
-            "Command: `python scripts/dtp_mnist.py " + " ".join(argv or []) + "`",
+            "Command: `python scripts/dtp_mnist.py " + " ".join(cli) + "`",
             f"Train size {args.train_size}, batch {args.batch}, {args.epochs} epoch(s); "
             "forward SGD lr 0.05 momentum 0.9 wd 1e-4 cosine; L-DRL β 0.7, "
             f"K = {args.fb_steps} feedback SGD steps/batch/layer, σ 0.1, feedback lr "
