@@ -183,7 +183,7 @@ _register(
         name="default",
         summary=(
             "HopfieldMLP 64-128-10 (prototypical, sigmoid4, MSE, async updates, Glorot x0.5) on "
-            "the embedded 8x8 digits, centered EP β 0.1, T 15/6, SGD 0.5 cosine, batch 16, "
+            "the embedded 8x8 digits (standardised), centered EP β 0.1, T 15/6, SGD 0.5 cosine, batch 16, "
             "30 epochs; a CPU-minute demonstration."
         ),
         dataset="digits",
@@ -194,6 +194,7 @@ _register(
         estimator="ep-centered",
         ep=EPSettings(beta=0.1, variant="centered", free_steps=15, nudged_steps=6),
         train=TrainConfig(epochs=30, batch_size=16, lr=0.5, schedule="cosine"),
+        standardize=True,
         holomorphic=True,
     )
 )
