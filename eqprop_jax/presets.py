@@ -183,8 +183,8 @@ _register(
         name="default",
         summary=(
             "HopfieldMLP 64-128-10 (prototypical, sigmoid4, MSE, async updates, Glorot x0.5) on "
-            "the embedded 8x8 digits (standardised), centered EP β 0.1, T 15/6, SGD 0.5 cosine, batch 16, "
-            "30 epochs; a CPU-minute demonstration."
+            "the embedded 8x8 digits (standardised), centered EP β 0.1, T 15/6, SGD 0.5 cosine, "
+            "batch 16, 30 epochs; a CPU-minute demonstration."
         ),
         dataset="digits",
         family="energy",
