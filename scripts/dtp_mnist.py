@@ -88,7 +88,20 @@ def test_error(model, x, y, batch=1000):
     return wrong / len(x)
 
 
-def run(arch, method, epochs, batch, data, *, train_size, fb_steps=5, fb_lr=0.5, seed=0, log=print):
+def run(
+    arch,
+    method,
+    epochs,
+    batch,
+    data,
+    *,
+    train_size,
+    fb_steps=5,
+    fb_lr=0.5,
+    lr=0.05,
+    seed=0,
+    log=print,
+):
     xtr, ytr, xte, yte = data
     xtr, ytr = xtr[:train_size], ytr[:train_size]
     xtr, xte = shape_inputs(arch, xtr), shape_inputs(arch, xte)
@@ -105,7 +118,7 @@ def run(arch, method, epochs, batch, data, *, train_size, fb_steps=5, fb_lr=0.5,
     )
     est = eqp.DTP(variant="ldrl", beta=0.7, feedback_steps=fb_steps, noise=0.1, feedback_lr=lrs)
     steps_per_epoch = len(xtr) // batch
-    sched = optax.cosine_decay_schedule(0.05, epochs * steps_per_epoch)
+    sched = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
     opt = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(sched, momentum=0.9))
     opt_state = opt.init(eqx.filter(model.forward, eqx.is_inexact_array))
     step = make_step(method, est, opt)
@@ -155,6 +168,7 @@ def main(argv=None):
     p.add_argument("--train-size", type=int, default=60_000)
     p.add_argument("--fb-steps", type=int, default=5)
     p.add_argument("--fb-lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cli = sys.argv[1:] if argv is None else list(argv)
@@ -171,6 +185,7 @@ def main(argv=None):
                 train_size=args.train_size,
                 fb_steps=args.fb_steps,
                 fb_lr=args.fb_lr,
+                lr=args.lr,
             )
             rows.append((arch, method, h))
     if args.out:
@@ -182,7 +197,7 @@ def main(argv=None):
             f"{os.cpu_count()} CPUs); load at the end: `{load}`.",
             "Command: `python scripts/dtp_mnist.py " + " ".join(cli) + "`",
             f"Train size {args.train_size}, batch {args.batch}, {args.epochs} epoch(s); "
-            "forward SGD lr 0.05 momentum 0.9 wd 1e-4 cosine; L-DRL β 0.7, "
+            f"forward SGD lr {args.lr} momentum 0.9 wd 1e-4 cosine; L-DRL β 0.7, "
             f"K = {args.fb_steps} feedback SGD steps/batch/layer, σ 0.1, feedback lr "
             f"{args.fb_lr} (divided by H·W for conv feedback), 20 warm-up feedback batches. "
             "Angles (degrees) per layer "
