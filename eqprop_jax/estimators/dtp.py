@@ -168,7 +168,8 @@ class DTP(Estimator):
         feedback_lr: SGD learning rate of the feedback weights (scalar or per layer).
         drl_lambda: weight λ ≥ 0 of DRL's regulariser ‖G(s+η) − G(s)‖².
         unroll: `lax.scan` unroll of the K_n feedback steps; None unrolls loops over conv
-            feedback layers with K_n ≤ 64 (much faster on XLA:CPU) and keeps others rolled.
+            feedback layers with K_n ≤ 64 on the CPU backend (much faster on XLA:CPU)
+            and keeps every other loop rolled.
     """
 
     variant: str = eqx.field(static=True, default="ldrl")
@@ -251,9 +252,11 @@ def _unroll(est: DTP, model: LayeredNet, layers: list[int], k_steps: int) -> int
         return max(1, min(int(est.unroll), k_steps))
     # XLA:CPU runs convolutions inside a while loop far slower than unrolled (LeNet,
     # batch 128, K = 5: 14.6 s rolled vs 1.7 s unrolled, and half the compile time), so
-    # loops over conv feedback layers are unrolled when short; dense ones stay rolled.
+    # loops over conv feedback layers are unrolled when short on the CPU backend only;
+    # dense ones, and every loop on accelerators, stay rolled.
     conv = any(isinstance(model.feedback[i], ConvFeedback) for i in layers)
-    return k_steps if conv and k_steps <= 64 else 1
+    on_cpu = jax.default_backend() == "cpu"
+    return k_steps if conv and on_cpu and k_steps <= 64 else 1
 
 
 def _noise(key, n, states, sigma):
