@@ -62,9 +62,10 @@ def test_grad_of_vmap_and_vmap_of_grad():
     def loss(w, x, g):
         return jnp.sum(eqp.fixed_point(cell, jnp.zeros(D), (w, x, g), solver=solver).value ** 2)
 
-    g1 = jax.grad(lambda w: jnp.sum(jax.vmap(loss, (None, 0, 0))(w, xs, gains)))(w)
-    g2 = jnp.sum(jax.vmap(jax.grad(loss), (None, 0, 0))(w, xs, gains), axis=0)
-    g3 = sum(jax.grad(loss)(w, xs[i], gains[i]) for i in range(3))
+    g1 = jax.jit(jax.grad(lambda w: jnp.sum(jax.vmap(loss, (None, 0, 0))(w, xs, gains))))(w)
+    g2 = jnp.sum(jax.jit(jax.vmap(jax.grad(loss), (None, 0, 0)))(w, xs, gains), axis=0)
+    single = jax.jit(jax.grad(loss))
+    g3 = sum(single(w, xs[i], gains[i]) for i in range(3))
     np.testing.assert_allclose(g1, g3, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(g2, g3, rtol=1e-10, atol=1e-12)
 

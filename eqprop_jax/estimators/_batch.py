@@ -42,3 +42,19 @@ def check_batch(who: str, model, x: Array, y: Array) -> Array:
 def batch_mean(fn, *args):
     """Mean over the batch of a per-example scalar `fn(*args)`, args batched on axis 0."""
     return jnp.mean(jax.vmap(fn)(*args))
+
+
+def free_phase_summary(model, free, y: Array) -> tuple[Array, dict]:
+    """Batch-mean loss at the free equilibrium and the `aux` entries shared by the
+    EP-type estimators: "state", "predictions", "stats" and "result" of the free phase.
+
+    `free` is the batched [`eqprop_jax.Solution`][] of the free phase.
+    """
+    s0 = free.value
+    aux = {
+        "state": s0,
+        "predictions": jax.vmap(model.predict)(s0),
+        "stats": free.stats,
+        "result": free.result,
+    }
+    return batch_mean(model.loss, s0, y), aux

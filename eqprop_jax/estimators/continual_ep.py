@@ -10,7 +10,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch
+from ._batch import check_batch, free_phase_summary
 from .base import Estimator
 
 
@@ -102,15 +102,8 @@ class ContinualEP(Estimator):
         (p_final, s_final, _, grads), _ = lax.scan(
             body, (params, s0, jnp.zeros((), dtype), zeros), length=self.nudged_steps
         )
-        loss = jnp.mean(jax.vmap(model.loss)(s0, y))
-        aux = {
-            "state": s0,
-            "predictions": jax.vmap(model.predict)(s0),
-            "stats": free.stats,
-            "result": free.result,
-            "nudged_state": s_final,
-            "model": eqx.combine(p_final, static),
-        }
+        loss, aux = free_phase_summary(model, free, y)
+        aux.update(nudged_state=s_final, model=eqx.combine(p_final, static))
         return loss, grads, aux
 
 

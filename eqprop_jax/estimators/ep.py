@@ -14,7 +14,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ..models.activations import HOLOMORPHIC
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch
+from ._batch import check_batch, free_phase_summary
 from .base import Estimator
 
 _VARIANTS = ("positive", "negative", "centered", "holomorphic")
@@ -168,14 +168,6 @@ class EquilibriumProp(Estimator):
             return jnp.mean(jax.vmap(per_example)(states, x, y))
 
         grads = eqx.filter_grad(surrogate)(model)
-        s0 = free.value
-        loss = jnp.mean(jax.vmap(model.loss)(s0, y))
-        aux = {
-            "state": s0,
-            "predictions": jax.vmap(model.predict)(s0),
-            "stats": free.stats,
-            "result": free.result,
-            "nudged_stats": nudged_stats,
-            "beta": beta,
-        }
+        loss, aux = free_phase_summary(model, free, y)
+        aux.update(nudged_stats=nudged_stats, beta=beta)
         return loss, grads, aux

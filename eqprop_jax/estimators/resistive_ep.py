@@ -11,7 +11,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.resistive import ResistiveNetwork, local_ep_gradient
 from ..solvers.picard import Picard
-from ._batch import check_batch
+from ._batch import check_batch, free_phase_summary
 from .base import Estimator
 
 _NUDGES = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "centered": (-1.0, 1.0)}
@@ -82,12 +82,5 @@ class ResistiveEP(Estimator):
 
         free, grads = jax.vmap(per_example)(x, y)
         grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        s0 = free.value
-        loss = jnp.mean(jax.vmap(model.loss)(s0, y))
-        aux = {
-            "state": s0,
-            "predictions": jax.vmap(model.predict)(s0),
-            "stats": free.stats,
-            "result": free.result,
-        }
+        loss, aux = free_phase_summary(model, free, y)
         return loss, grads, aux

@@ -12,7 +12,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch
+from ._batch import check_batch, free_phase_summary
 from .base import Estimator
 
 
@@ -108,14 +108,8 @@ class VectorFieldEP(Estimator):
             return -jnp.mean(jax.vmap(per_example)(s0, x, ds))
 
         grads = eqx.filter_grad(surrogate)(model)
-        loss = jnp.mean(jax.vmap(model.loss)(s0, y))
-        aux = {
-            "state": s0,
-            "predictions": jax.vmap(model.predict)(s0),
-            "stats": free.stats,
-            "result": free.result,
-            "nudged_stats": nudged_stats,
-        }
+        loss, aux = free_phase_summary(model, free, y)
+        aux.update(nudged_stats=nudged_stats)
         return loss, grads, aux
 
 
