@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
+from ._checks import check_classifier_input
 from .activations import get_activation
 from .energy import EnergyModel, State
 
@@ -213,48 +214,17 @@ class ConvHopfield(EnergyModel):
             )
 
     def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this model (estimators call
-        it eagerly): input shape and dtype, NaN, label range or target shape."""
-        x_shape = tuple(jnp.shape(x))
-        want = ("batch", *self.in_shape) if batched else self.in_shape
-        if x_shape[-3:] != self.in_shape or len(x_shape) != len(want):
-            raise ValueError(
-                f"ConvHopfield: expected input x of shape {want} (C, H, W), got {x_shape}."
-            )
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise TypeError(
-                f"ConvHopfield: input x must be real floating point, got {jnp.result_type(x)}."
-            )
-        if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError("ConvHopfield: input x contains NaN or inf.")
-        if y is None:
-            return
-        y_shape = tuple(jnp.shape(y))
-        n_batch = (x_shape[0],) if batched else ()
-        if jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            if y_shape != n_batch:
-                raise ValueError(
-                    f"ConvHopfield: integer labels y must have shape {n_batch} to match x "
-                    f"{x_shape}, got {y_shape}."
-                )
-            if not isinstance(y, jax.core.Tracer) and jnp.size(y):
-                lo, hi = int(jnp.min(y)), int(jnp.max(y))
-                if lo < 0 or hi >= self.n_out:
-                    raise ValueError(
-                        f"ConvHopfield: labels out of range: y spans [{lo}, {hi}] but the "
-                        f"model has {self.n_out} classes (labels 0..{self.n_out - 1})."
-                    )
-        elif jnp.issubdtype(jnp.result_type(y), jnp.floating):
-            if y_shape != (*n_batch, self.n_out):
-                raise ValueError(
-                    f"ConvHopfield: float targets y must have shape {(*n_batch, self.n_out)}, "
-                    f"got {y_shape}."
-                )
-        else:
-            raise TypeError(
-                f"ConvHopfield: y must hold integer labels or float targets, got "
-                f"{jnp.result_type(y)}."
-            )
+        """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and
+        dtype, NaN, label range or target shape); estimators call it eagerly."""
+        check_classifier_input(
+            "ConvHopfield",
+            x,
+            y,
+            tuple(self.in_shape),
+            self.n_out,
+            batched=batched,
+            shape_hint=" (C, H, W)",
+        )
 
     def _target(self, y: Array, dtype) -> Array:
         if jnp.issubdtype(jnp.result_type(y), jnp.integer):

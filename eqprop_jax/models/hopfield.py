@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
+from ._checks import check_classifier_input
 from .activations import STATE_RANGE, get_activation
 from .energy import EnergyModel
 
@@ -174,56 +175,17 @@ class HopfieldMLP(EnergyModel):
         return self.sizes[-1]
 
     def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this model.
-
-        Checks the input size and dtype, and that integer labels lie in
-        [0, n_outputs) (float targets must have the output size). Label values are
-        checked only when concrete (outside `jit`); estimators call this eagerly.
-        """
-        x_shape = jnp.shape(x)
-        want = (None, self.sizes[0]) if batched else (self.sizes[0],)
-        if len(x_shape) != len(want) or x_shape[-1] != self.sizes[0]:
-            what = "(batch, n_in)" if batched else "(n_in,)"
-            raise ValueError(
-                f"HopfieldMLP: expected input x of shape {what} with n_in = {self.sizes[0]} "
-                f"(model sizes {self.sizes}), got shape {x_shape}."
-            )
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise TypeError(
-                f"HopfieldMLP: input x must be real floating point, got {jnp.result_type(x)} "
-                "(scale images to [0, 1] floats first)."
-            )
-        if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError("HopfieldMLP: input x contains NaN or inf.")
-        if y is None:
-            return
-        y_shape = jnp.shape(y)
-        n_batch = x_shape[0] if batched else None
-        if jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            want_y = (n_batch,) if batched else ()
-            if y_shape != want_y:
-                raise ValueError(
-                    f"HopfieldMLP: integer labels y must have shape {want_y} to match x "
-                    f"{x_shape}, got {y_shape}."
-                )
-            if _is_concrete(y) and y.size:
-                lo, hi = int(jnp.min(y)), int(jnp.max(y))
-                if lo < 0 or hi >= self.n_outputs:
-                    raise ValueError(
-                        f"HopfieldMLP: labels out of range: y spans [{lo}, {hi}] but the "
-                        f"model has {self.n_outputs} classes (labels 0..{self.n_outputs - 1})."
-                    )
-        elif jnp.issubdtype(jnp.result_type(y), jnp.floating):
-            want_y = (n_batch, self.n_outputs) if batched else (self.n_outputs,)
-            if y_shape != want_y:
-                raise ValueError(
-                    f"HopfieldMLP: float targets y must have shape {want_y}, got {y_shape}."
-                )
-        else:
-            raise TypeError(
-                f"HopfieldMLP: y must hold integer labels or float targets, got "
-                f"{jnp.result_type(y)}."
-            )
+        """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and
+        dtype, NaN, label range or target shape); estimators call it eagerly."""
+        check_classifier_input(
+            "HopfieldMLP",
+            x,
+            y,
+            (self.sizes[0],),
+            self.n_outputs,
+            batched=batched,
+            shape_hint=f" with n_in = {self.sizes[0]} (model sizes {self.sizes})",
+        )
 
     # -- the energy model ----------------------------------------------------------
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
+from ._checks import check_classifier_input
 from .activations import get_activation
 from .energy import EnergyModel
 
@@ -147,48 +148,17 @@ class VectorFieldMLP(EnergyModel):
         return eqx.tree_at(lambda m: m.feedback, self, tuple(w.T for w in self.weights[1:]))
 
     def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this model."""
-        x_shape = tuple(jnp.shape(x))
-        want_nd = 2 if batched else 1
-        if len(x_shape) != want_nd or x_shape[-1] != self.sizes[0]:
-            what = "(batch, n_in)" if batched else "(n_in,)"
-            raise ValueError(
-                f"VectorFieldMLP: expected input x of shape {what} with n_in = {self.sizes[0]}"
-                f", got shape {x_shape}."
-            )
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise TypeError(
-                f"VectorFieldMLP: input x must be real floating point, got {jnp.result_type(x)}."
-            )
-        if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError("VectorFieldMLP: input x contains NaN or inf.")
-        if y is None:
-            return
-        y_shape = tuple(jnp.shape(y))
-        n_batch = (x_shape[0],) if batched else ()
-        if jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            if y_shape != n_batch:
-                raise ValueError(
-                    f"VectorFieldMLP: integer labels y must have shape {n_batch}, got {y_shape}."
-                )
-            if not isinstance(y, jax.core.Tracer) and jnp.size(y):
-                lo, hi = int(jnp.min(y)), int(jnp.max(y))
-                if lo < 0 or hi >= self.n_outputs:
-                    raise ValueError(
-                        f"VectorFieldMLP: labels out of range: y spans [{lo}, {hi}] but the "
-                        f"model has {self.n_outputs} outputs (labels 0..{self.n_outputs - 1})."
-                    )
-        elif jnp.issubdtype(jnp.result_type(y), jnp.floating):
-            if y_shape != (*n_batch, self.n_outputs):
-                raise ValueError(
-                    f"VectorFieldMLP: float targets y must have shape "
-                    f"{(*n_batch, self.n_outputs)}, got {y_shape}."
-                )
-        else:
-            raise TypeError(
-                f"VectorFieldMLP: y must hold integer labels or float targets, got "
-                f"{jnp.result_type(y)}."
-            )
+        """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and
+        dtype, NaN, label range or target shape); estimators call it eagerly."""
+        check_classifier_input(
+            "VectorFieldMLP",
+            x,
+            y,
+            (self.sizes[0],),
+            self.n_outputs,
+            batched=batched,
+            shape_hint=f" with n_in = {self.sizes[0]}",
+        )
 
     # -- dynamics ------------------------------------------------------------------
 
