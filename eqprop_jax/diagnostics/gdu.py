@@ -30,6 +30,16 @@ def _stack_align(est: PyTree, ref: PyTree, n: int) -> list[Alignment]:
     return [gradient_alignment(at(est, t), at(ref, t)).overall for t in range(n)]
 
 
+def per_step_summary(state: list[Alignment], param: list[Alignment]) -> dict[str, np.ndarray]:
+    """Per-step relative errors and sign agreements of two alignment sequences."""
+    return {
+        "state_rel_error": np.array([a.rel_error for a in state]),
+        "state_sign": np.array([a.sign_agreement for a in state]),
+        "param_rel_error": np.array([a.rel_error for a in param]),
+        "param_sign": np.array([a.sign_agreement for a in param]),
+    }
+
+
 class GDUTrace(eqx.Module):
     r"""EP's increments and BPTT's gradients, step by step (leading axis: t = 0..K−1).
 
@@ -66,13 +76,7 @@ class GDUTrace(eqx.Module):
 
     def summary(self) -> dict[str, np.ndarray]:
         """Per-step relative errors and sign agreements as arrays of length K."""
-        s, p = self.state_alignment(), self.param_alignment()
-        return {
-            "state_rel_error": np.array([a.rel_error for a in s]),
-            "state_sign": np.array([a.sign_agreement for a in s]),
-            "param_rel_error": np.array([a.rel_error for a in p]),
-            "param_sign": np.array([a.sign_agreement for a in p]),
-        }
+        return per_step_summary(self.state_alignment(), self.param_alignment())
 
 
 @eqx.filter_jit

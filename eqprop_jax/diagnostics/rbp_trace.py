@@ -13,7 +13,7 @@ from ..estimators._batch import check_batch
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
 from .alignment import Alignment
-from .gdu import _stack_align, state_step_size
+from .gdu import _stack_align, per_step_summary, state_step_size
 
 
 class RBPTrace(eqx.Module):
@@ -55,13 +55,7 @@ class RBPTrace(eqx.Module):
         )
 
     def summary(self) -> dict[str, np.ndarray]:
-        s, p = self.state_alignment(), self.param_alignment()
-        return {
-            "state_rel_error": np.array([a.rel_error for a in s]),
-            "state_sign": np.array([a.sign_agreement for a in s]),
-            "param_rel_error": np.array([a.rel_error for a in p]),
-            "param_sign": np.array([a.sign_agreement for a in p]),
-        }
+        return per_step_summary(self.state_alignment(), self.param_alignment())
 
 
 @eqx.filter_jit
