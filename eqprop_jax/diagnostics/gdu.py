@@ -79,12 +79,20 @@ class GDUTrace(eqx.Module):
         return per_step_summary(self.state_alignment(), self.param_alignment())
 
 
-@eqx.filter_jit
-def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
+def free_equilibrium(model, x, y, beta, free_solver):
+    """The batched free equilibrium s* (no gradient), β in the state's dtype, and that dtype.
+
+    The first phase shared by the step-by-step traces.
+    """
     free = jax.vmap(lambda xi, yi: model.relax(xi, yi, 0.0, solver=free_solver))(x, y)
     s_star = lax.stop_gradient(free.value)
     dtype = jax.tree_util.tree_leaves(s_star)[0].dtype
-    beta = jnp.asarray(beta, dtype)
+    return s_star, jnp.asarray(beta, dtype), dtype
+
+
+@eqx.filter_jit
+def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
+    s_star, beta, dtype = free_equilibrium(model, x, y, beta, free_solver)
     n = x.shape[0]
     params, static = eqx.partition(model, eqx.is_inexact_array)
 

@@ -13,7 +13,7 @@ from ..estimators._batch import check_batch
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
 from .alignment import Alignment
-from .gdu import _stack_align, per_step_summary, state_step_size
+from .gdu import _stack_align, free_equilibrium, per_step_summary, state_step_size
 
 
 class RBPTrace(eqx.Module):
@@ -60,10 +60,7 @@ class RBPTrace(eqx.Module):
 
 @eqx.filter_jit
 def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
-    free = jax.vmap(lambda xi, yi: model.relax(xi, yi, 0.0, solver=free_solver))(x, y)
-    s_star = lax.stop_gradient(free.value)
-    dtype = jax.tree_util.tree_leaves(s_star)[0].dtype
-    beta = jnp.asarray(beta, dtype)
+    s_star, beta, dtype = free_equilibrium(model, x, y, beta, free_solver)
     zero = jnp.zeros((), dtype)
     n = x.shape[0]
     params, static = eqx.partition(model, eqx.is_inexact_array)
