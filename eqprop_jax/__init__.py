@@ -1,6 +1,7 @@
 """eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
 
 from . import data, train  # the submodules eqp.data and eqp.train
+from ._ragged import ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import (
     AbstractAdjoint,
@@ -45,6 +46,7 @@ __all__ = [
     "Stats",
     "Unrolled",
     "fixed_point",
+    "ragged_while_loop",
     "gradient_alignment",
     "BPTT",
     "EquilibriumProp",

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from ._ragged import ragged_while_loop
 from .solvers.base import _check_nonnegative, _check_positive_int
 
 Linear = Callable[[Array], Array]
@@ -94,7 +95,11 @@ class AbstractAdjoint(eqx.Module):
 _OnFailure = Literal["warn", "raise", "ignore"]
 
 
-def _richardson(op: Linear, b: Array, tol: float, max_steps: int, fixed: bool):
+def _dot(a, b):
+    return jnp.sum(jnp.conj(a) * b)
+
+
+def _richardson(op: Linear, b: Array, tol: float, max_steps: int, fixed: bool, buckets: int = 4):
     """x_{k+1} = x_k + (b - A x_k): for A = I - J, x_{k+1} = J x_k + b."""
     if fixed:
         x = lax.fori_loop(0, max_steps, lambda _, x: x + (b - op(x)), jnp.zeros_like(b))
@@ -110,8 +115,53 @@ def _richardson(op: Linear, b: Array, tol: float, max_steps: int, fixed: bool):
         x = x + r
         return x, b - op(x), k + 1
 
-    x, _, k = lax.while_loop(cond, body, (jnp.zeros_like(b), b, jnp.array(0, jnp.int32)))
+    init = (jnp.zeros_like(b), b, jnp.array(0, jnp.int32))
+    x, _, k = ragged_while_loop(cond, body, init, max_buckets=buckets)
     return x, k
+
+
+def _bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int):
+    """BiCGStab (van der Vorst 1992) from x0 = 0, stopping at ‖b - A x‖₂ <= tol ‖b‖₂.
+
+    The shadow residual is r̂ = b + ‖b‖ u/‖u‖ with u a fixed pseudo-random vector,
+    not the textbook r̂ = b: on layered (bipartite) networks, where g lives on the
+    output units only, r̂ = b gives ⟨r̂, r₁⟩ = 0 exactly after one step (an exact
+    breakdown). Written as a per-example [`eqprop_jax.ragged_while_loop`][] so that,
+    under `vmap`, examples whose adjoint has converged stop costing matvecs. A
+    breakdown (ρ = 0 or ω = 0) stops the iteration; the caller's residual check
+    reports it.
+    """
+    bnorm = _norm(b)
+    stop = tol * bnorm
+    one = jnp.ones((), b.dtype)
+    zero = jnp.zeros_like(b)
+    u = jax.random.normal(jax.random.key(0), b.shape, jnp.real(b).dtype)
+    shadow = b + (bnorm / jnp.maximum(_norm(u), 1)) * u.astype(b.dtype)
+
+    def cond(c):
+        _, r, _, _, rho, _, omega, k = c
+        ok = (rho != 0) & (omega != 0) & jnp.all(jnp.isfinite(r))
+        return (k < max_steps) & (_norm(r) > stop) & ok
+
+    def body(c):
+        x, r, p, v, rho, alpha, omega, k = c
+        rho_new = _dot(shadow, r)
+        beta = (rho_new / rho) * (alpha / omega)
+        p = r + beta * (p - omega * v)
+        v = op(p)
+        alpha = rho_new / _dot(shadow, v)
+        s = r - alpha * v
+        t = op(s)
+        omega = _dot(t, s) / _dot(t, t)
+        done = _norm(s) <= stop  # converged at the half step: skip the ω update
+        x = x + alpha * p + jnp.where(done, 0, omega) * s
+        r = jnp.where(done, s, s - omega * t)
+        omega = jnp.where(done, one, omega)
+        return x, r, p, v, rho_new, alpha, omega, k + 1
+
+    init = (zero, b, zero, zero, one, one, one, jnp.array(0, jnp.int32))
+    out = ragged_while_loop(cond, body, init, max_buckets=buckets)
+    return out[0], out[-1]
 
 
 class AlmeidaPineda(AbstractAdjoint):
@@ -121,20 +171,24 @@ class AlmeidaPineda(AbstractAdjoint):
     ‖g - (I - Jᵀ) u‖₂ <= tol ‖g‖₂ or `max_steps`. It converges iff the spectral
     radius of J is below one, i.e. iff the forward fixed point is linearly stable.
     Each step costs one vector-Jacobian product of f. (Forward mode iterates
-    x_{k+1} = J x_k + b likewise.)
+    x_{k+1} = J x_k + b likewise.) Under `vmap` each example stops on its own and
+    the iteration is a [`eqprop_jax.ragged_while_loop`][] with `batch_buckets`
+    bucket sizes, as in [`eqprop_jax.AbstractSolver`][].
     """
 
     tol: float = 1e-6
     max_steps: int = 1000
     on_failure: _OnFailure = "warn"
     callback: Callable | None = None
+    batch_buckets: int = 4
 
     def __check_init__(self):
         _check_nonnegative("tol", self.tol)
         _check_positive_int("max_steps", self.max_steps)
+        _check_positive_int("batch_buckets", self.batch_buckets)
 
     def _linear_solve(self, op, b):
-        return _richardson(op, b, self.tol, self.max_steps, fixed=False)
+        return _richardson(op, b, self.tol, self.max_steps, False, self.batch_buckets)
 
 
 class Neumann(AbstractAdjoint):
@@ -160,18 +214,27 @@ class Neumann(AbstractAdjoint):
 class Implicit(AbstractAdjoint):
     r"""Implicit function theorem with a Krylov solve of (I - Jᵀ) u = g.
 
-    `method`: `"gmres"` (restarted GMRES, default), `"bicgstab"`, or `"normal_cg"`
-    (conjugate gradients on the normal equations A Aᵀ y = g, u = Aᵀ y, for
-    when the others stall). Stops when ‖A x - b‖₂ <= tol ‖b‖₂ (relative) or after
-    `max_steps` iterations (for GMRES, restarts of `restart` inner steps).
+    `method`: `"bicgstab"` (BiCGStab, van der Vorst 1992; the default),
+    `"gmres"` (restarted GMRES, `jax.scipy.sparse.linalg.gmres`: the most robust,
+    e.g. when BiCGStab breaks down on a strongly non-normal J), or `"normal_cg"`
+    (conjugate gradients on the normal equations A Aᵀ y = g, u = Aᵀ y). Stops when
+    ‖A x - b‖₂ <= tol ‖b‖₂ (relative) or after `max_steps` iterations (for GMRES,
+    restarts of `restart` inner steps).
+
+    BiCGStab is this library's own per-example loop, a
+    [`eqprop_jax.ragged_while_loop`][] with `batch_buckets` bucket sizes: under
+    `vmap` an example whose adjoint has converged stops costing matvecs, and
+    `AdjointStats.steps` is its own iteration count. GMRES and normal CG come from
+    `jax.scipy` and run the batch in lockstep (their `steps` is `max_steps`).
     """
 
-    method: Literal["gmres", "bicgstab", "normal_cg"] = "gmres"
+    method: Literal["gmres", "bicgstab", "normal_cg"] = "bicgstab"
     tol: float = 1e-6
     max_steps: int = 100
     restart: int = 20
     on_failure: _OnFailure = "warn"
     callback: Callable | None = None
+    batch_buckets: int = 4
 
     def __check_init__(self):
         if self.method not in ("gmres", "bicgstab", "normal_cg"):
@@ -181,6 +244,7 @@ class Implicit(AbstractAdjoint):
         _check_nonnegative("tol", self.tol)
         _check_positive_int("max_steps", self.max_steps)
         _check_positive_int("restart", self.restart)
+        _check_positive_int("batch_buckets", self.batch_buckets)
 
     def _linear_solve(self, op, b):
         steps = jnp.array(self.max_steps, jnp.int32)
@@ -195,7 +259,7 @@ class Implicit(AbstractAdjoint):
                 solve_method="batched",
             )
         elif self.method == "bicgstab":
-            x, _ = jsla.bicgstab(op, b, tol=self.tol, atol=0.0, maxiter=self.max_steps)
+            x, steps = _bicgstab(op, b, self.tol, self.max_steps, self.batch_buckets)
         else:
             op_t = jax.linear_transpose(op, b)
             y, _ = jsla.cg(

@@ -198,6 +198,7 @@ def _align(args) -> int:
     from .data import batch_indices, epoch_order
     from .diagnostics import gradient_alignment
     from .presets import PresetError, cast_floats, get_preset
+    from .train import TrainingError
 
     preset = get_preset(args.preset)
     data = _in_layout(_dataset(args, preset), preset)
@@ -239,6 +240,11 @@ def _align(args) -> int:
 
     t0 = time.perf_counter()
     ref_loss, ref = run(preset.make_estimator(ref_name), model, x, y, key)
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(ref)):
+        raise TrainingError(
+            f"the reference gradient ({ref_name}) has NaN/inf entries: its solve failed; "
+            "see the warnings above."
+        )
     print(
         f"preset {preset.name}: {type(model).__name__}, batch {len(x)} of {data.name}, "
         f"{jnp.dtype(dtype).name}; reference {ref_name} (loss {float(ref_loss):.6f}, "
@@ -357,7 +363,8 @@ def _plots(out: Path, reports, sweep, np) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(leaves) * len(names) / 2), 3.6))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        vals = [reports[name].per_leaf[leaf].angle for leaf in leaves]
+        # Log axis: an exact 0° (e.g. BPTT through a converged state) is drawn at 1e-6.
+        vals = np.maximum([reports[name].per_leaf[leaf].angle for leaf in leaves], 1e-6)
         ax.bar(np.arange(len(leaves)) + i * width, vals, width, label=name)
     ax.set_xticks(np.arange(len(leaves)) + 0.4 - width / 2, leaves, rotation=30, fontsize=8)
     ax.set_ylabel("angle to reference (°)")

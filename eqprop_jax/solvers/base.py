@@ -38,6 +38,12 @@ class AbstractSolver(eqx.Module):
     residual exceeds `divergence` times the smallest residual seen so far, or when
     a NaN/inf appears.
 
+    Under `jax.vmap` the iteration is a [`eqprop_jax.ragged_while_loop`][]: every
+    so often the examples still running are gathered into a smaller batch, so
+    finished examples cost nothing. `batch_buckets` caps the number of batch sizes
+    used (each compiles one copy of f and the update); 1 steps the whole batch in
+    lockstep until the slowest example stops, as `lax.while_loop` does.
+
     Concrete solvers implement `init` (their state from z0 and f(z0)) and `update`
     (the next iterate from z, f(z) and the state).
     """
@@ -46,9 +52,11 @@ class AbstractSolver(eqx.Module):
     rtol: float | None = None
     max_steps: int = 1000
     divergence: float = 1e8
+    batch_buckets: int = 4
 
     def __check_init__(self):
         _check_nonnegative("tol", self.tol)
+        _check_positive_int("batch_buckets", self.batch_buckets)
         if self.rtol is not None:
             _check_nonnegative("rtol", self.rtol)
         _check_positive_int("max_steps", self.max_steps)
