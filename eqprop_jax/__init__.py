@@ -1,7 +1,7 @@
 """eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
 
 from . import data, train  # the submodules eqp.data and eqp.train
-from ._ragged import ragged_while_loop
+from ._ragged import batch_compaction, ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import (
     AbstractAdjoint,
@@ -47,6 +47,7 @@ __all__ = [
     "Unrolled",
     "fixed_point",
     "ragged_while_loop",
+    "batch_compaction",
     "gradient_alignment",
     "BPTT",
     "EquilibriumProp",

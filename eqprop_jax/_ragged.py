@@ -18,8 +18,10 @@ together, so `vmap(vmap(...))` costs what one `vmap` over all examples costs.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -30,6 +32,29 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 Carry = TypeVar("Carry")
+_COMPACTION = contextvars.ContextVar("eqprop_jax_batch_compaction", default=True)
+
+
+@contextlib.contextmanager
+def batch_compaction(enabled: bool) -> Iterator[None]:
+    """Turn the batch compaction of every [`eqprop_jax.ragged_while_loop`][] (and so
+    of `fixed_point`'s loops) on or off for the code *traced* inside the block.
+
+    Off, a vmapped loop steps the whole batch until its slowest example stops, as
+    `lax.while_loop` does. Use it when the batch axis is sharded over several
+    devices by `jit` (GSPMD): the gathered buckets are not split over the devices
+    but replicated (8 host devices, batch 128: the bucket of 64 runs as a 64-row
+    matmul on every device), so compaction would multiply the per-device work.
+    [`eqprop_jax.train.fit`][] does this itself when it shards. (Under `shard_map`
+    each device compacts its own shard and compaction is worth keeping.) The
+    setting is read when a function is traced: a function jitted and traced
+    before the block keeps the setting it was traced with.
+    """
+    token = _COMPACTION.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _COMPACTION.reset(token)
 
 
 def _bucket_sizes(n: int, max_buckets: int, min_bucket: int) -> tuple[int, ...]:
@@ -168,6 +193,8 @@ def ragged_while_loop(
         raise ValueError(f"`max_buckets` must be a positive int, got {max_buckets!r}.")
     if isinstance(min_bucket, bool) or not isinstance(min_bucket, int) or min_bucket < 1:
         raise ValueError(f"`min_bucket` must be a positive int, got {min_bucket!r}.")
+    if not _COMPACTION.get():
+        max_buckets = 1
     init_val = jtu.tree_map(jnp.asarray, init_val)
     cond_c = eqx.filter_closure_convert(cond_fun, init_val)
     body_c = eqx.filter_closure_convert(body_fun, init_val)

@@ -192,7 +192,9 @@ def fixed_point(
     equals the one it gets alone. The loop is a [`eqprop_jax.ragged_while_loop`][]:
     finished examples are dropped from the work as the batch is compacted, so a
     batch costs about Σ_i steps_i evaluations of f rather than B · max_i steps_i
-    (`solver.batch_buckets = 1` turns this off). Nested `vmap`s are compacted as
+    (`solver.batch_buckets = 1`, or tracing inside
+    [`eqprop_jax.batch_compaction`][]`(False)`, turns this off: do so when `jit`
+    shards the batch axis over several devices). Nested `vmap`s are compacted as
     one batch.
 
     The derivative of z* follows the implicit function theorem,

@@ -159,3 +159,42 @@ def test_batched_closure_and_forward_mode():
 def test_bad_bucket_settings(name, bad):
     with pytest.raises(ValueError, match=name):
         eqp.ragged_while_loop(lambda c: c < 3, lambda c: c + 1, jnp.array(0), **{name: bad})
+
+
+def test_batch_compaction_context_turns_compaction_off_at_trace_time():
+    targets = jnp.array([1] * 63 + [100])
+    rows = []
+    with eqp.batch_compaction(False):
+        stepped = jax.jit(jax.vmap(_counting_loop(targets, 7, rows)))
+        k, _ = stepped(targets)  # traced inside the block: lockstep
+    jax.effects_barrier()
+    np.testing.assert_array_equal(k, targets)
+    assert sum(rows) == 64 * 100
+    rows.clear()
+    jax.jit(jax.vmap(_counting_loop(targets, 7, rows)))(targets)  # back on afterwards
+    jax.effects_barrier()
+    assert sum(rows) < 64 * 100 / 10
+
+    # Through fixed_point: the compacted program switches between bucket sizes,
+    # the lockstep one has no conditional at all.
+    w, xs, gains = problem(32)
+
+    def make_solve_batch():
+        # A new function each time: jit and make_jaxpr cache traces per function.
+        def solve_batch(xs, gains):
+            def cell(z, a):
+                return jnp.tanh(a[1] * (w @ z) + a[0])
+
+            return jax.vmap(lambda x, g: eqp.fixed_point(cell, jnp.zeros(D), (x, g)).value)(
+                xs, gains
+            )
+
+        return solve_batch
+
+    def has_cond(jaxpr):
+        return "cond[" in str(jaxpr)
+
+    assert has_cond(jax.make_jaxpr(make_solve_batch())(xs, gains))
+    with eqp.batch_compaction(False):
+        lockstep = jax.make_jaxpr(make_solve_batch())(xs, gains)
+    assert not has_cond(lockstep)

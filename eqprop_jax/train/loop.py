@@ -20,6 +20,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._ragged import batch_compaction
 from ..data import Dataset
 from ..data.batching import batch_indices, epoch_order, random_crop_flip, steps_per_epoch
 from .checkpoint import (
@@ -128,10 +129,16 @@ class _StepSpec(eqx.Module):
     tx: Any = eqx.field(static=True)
     augment: bool = eqx.field(static=True)
     channels_first: bool = eqx.field(static=True)
+    compaction: bool = eqx.field(static=True, default=True)
 
 
 @eqx.filter_jit(donate="all-except-first")
 def _train_step(spec: _StepSpec, model, opt_state, x, y, key):
+    with batch_compaction(spec.compaction):  # static, so part of the jit cache key
+        return _train_step_body(spec, model, opt_state, x, y, key)
+
+
+def _train_step_body(spec: _StepSpec, model, opt_state, x, y, key):
     estimator = spec.estimator
     k_aug, k_pre, k_est = jax.random.split(key, 3)
     if spec.augment:
@@ -150,7 +157,12 @@ def _train_step(spec: _StepSpec, model, opt_state, x, y, key):
 
 
 def make_train_step(
-    estimator, tx, *, augment: bool = False, channels_first: bool = False
+    estimator,
+    tx,
+    *,
+    augment: bool = False,
+    channels_first: bool = False,
+    compaction: bool = True,
 ) -> Callable:
     """`model, opt_state, loss, ok = step(model, opt_state, x, y, key)`, jitted once.
 
@@ -158,9 +170,11 @@ def make_train_step(
     gradient estimate, the optax update, then projection onto the model's admissible
     set. If the loss or any gradient is NaN/inf the old model and optimiser state are
     returned unchanged and `ok` is False. The model, optimiser state and batch are
-    donated (the caller must not reuse them).
+    donated (the caller must not reuse them). `compaction=False` steps vmapped
+    solves in lockstep (see [`eqprop_jax.batch_compaction`][]): what a batch
+    sharded over several devices needs.
     """
-    spec = _StepSpec(estimator, tx, augment, channels_first)
+    spec = _StepSpec(estimator, tx, augment, channels_first, compaction)
     return lambda model, opt_state, x, y, key: _train_step(spec, model, opt_state, x, y, key)
 
 
@@ -216,11 +230,16 @@ def _predict_one(model, x, y, solver):
     return model.predict(sol.value), model.loss(sol.value, y)
 
 
-@eqx.filter_jit
-def _eval_batch(model, x, y, mask, solver):
+def _eval_counts(model, x, y, mask, solver):
     logits, loss = jax.vmap(_predict_one, in_axes=(None, 0, 0, None))(model, x, y, solver)
     correct = (jnp.argmax(jnp.real(logits), axis=-1) == y) & mask
     return jnp.sum(correct), jnp.sum(jnp.where(mask, jnp.real(loss), 0.0))
+
+
+@eqx.filter_jit
+def _eval_batch(model, x, y, mask, solver, compaction: bool):
+    with batch_compaction(compaction):  # a Python bool: static, in the cache key
+        return _eval_counts(model, x, y, mask, solver)
 
 
 def evaluate(
@@ -256,7 +275,8 @@ def evaluate(
         batch = (jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(mask))
         if mesh is not None:
             batch = shard_batch(batch, mesh)
-        c, s = _eval_batch(model, *batch, solver)
+        # A sharded batch is stepped in lockstep: see eqprop_jax.batch_compaction.
+        c, s = _eval_batch(model, *batch, solver, mesh is None)
         correct += int(c)
         total_loss += float(s)
         bar.update()
@@ -409,8 +429,14 @@ def fit(
             },
         )
 
+    # A batch sharded by jit would get its compacted buckets replicated on every
+    # device: step it in lockstep instead (see eqprop_jax.batch_compaction).
     train_step = make_train_step(
-        estimator, tx, augment=cfg.augment, channels_first=cfg.channels_first
+        estimator,
+        tx,
+        augment=cfg.augment,
+        channels_first=cfg.channels_first,
+        compaction=mesh is None,
     )
     t_start = time.perf_counter()
     with _SignalFlag() as flag:
