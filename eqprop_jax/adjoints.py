@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from ._krylov import bicgstab, gmres
 from ._ragged import ragged_while_loop
 from .solvers.base import _check_nonnegative, _check_positive_int
 
@@ -120,50 +121,6 @@ def _richardson(op: Linear, b: Array, tol: float, max_steps: int, fixed: bool, b
     return x, k
 
 
-def _bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int):
-    """BiCGStab (van der Vorst 1992) from x0 = 0, stopping at ‖b - A x‖₂ <= tol ‖b‖₂.
-
-    The shadow residual is r̂ = b + ‖b‖ u/‖u‖ with u a fixed pseudo-random vector,
-    not the textbook r̂ = b: on layered (bipartite) networks, where g lives on the
-    output units only, r̂ = b gives ⟨r̂, r₁⟩ = 0 exactly after one step (an exact
-    breakdown). Written as a per-example [`eqprop_jax.ragged_while_loop`][] so that,
-    under `vmap`, examples whose adjoint has converged stop costing matvecs. A
-    breakdown (ρ = 0 or ω = 0) stops the iteration; the caller's residual check
-    reports it.
-    """
-    bnorm = _norm(b)
-    stop = tol * bnorm
-    one = jnp.ones((), b.dtype)
-    zero = jnp.zeros_like(b)
-    u = jax.random.normal(jax.random.key(0), b.shape, jnp.real(b).dtype)
-    shadow = b + (bnorm / jnp.maximum(_norm(u), 1)) * u.astype(b.dtype)
-
-    def cond(c):
-        _, r, _, _, rho, _, omega, k = c
-        ok = (rho != 0) & (omega != 0) & jnp.all(jnp.isfinite(r))
-        return (k < max_steps) & (_norm(r) > stop) & ok
-
-    def body(c):
-        x, r, p, v, rho, alpha, omega, k = c
-        rho_new = _dot(shadow, r)
-        beta = (rho_new / rho) * (alpha / omega)
-        p = r + beta * (p - omega * v)
-        v = op(p)
-        alpha = rho_new / _dot(shadow, v)
-        s = r - alpha * v
-        t = op(s)
-        omega = _dot(t, s) / _dot(t, t)
-        done = _norm(s) <= stop  # converged at the half step: skip the ω update
-        x = x + alpha * p + jnp.where(done, 0, omega) * s
-        r = jnp.where(done, s, s - omega * t)
-        omega = jnp.where(done, one, omega)
-        return x, r, p, v, rho_new, alpha, omega, k + 1
-
-    init = (zero, b, zero, zero, one, one, one, jnp.array(0, jnp.int32))
-    out = ragged_while_loop(cond, body, init, max_buckets=buckets)
-    return out[0], out[-1]
-
-
 class AlmeidaPineda(AbstractAdjoint):
     r"""Recurrent backpropagation (Almeida 1987; Pineda 1987).
 
@@ -215,17 +172,18 @@ class Implicit(AbstractAdjoint):
     r"""Implicit function theorem with a Krylov solve of (I - Jᵀ) u = g.
 
     `method`: `"bicgstab"` (BiCGStab, van der Vorst 1992; the default),
-    `"gmres"` (restarted GMRES, `jax.scipy.sparse.linalg.gmres`: the most robust,
-    e.g. when BiCGStab breaks down on a strongly non-normal J), or `"normal_cg"`
-    (conjugate gradients on the normal equations A Aᵀ y = g, u = Aᵀ y). Stops when
-    ‖A x - b‖₂ <= tol ‖b‖₂ (relative) or after `max_steps` iterations (for GMRES,
-    restarts of `restart` inner steps).
+    `"gmres"` (restarted GMRES, Saad & Schultz 1986: slower here but the most
+    robust, e.g. when BiCGStab breaks down on a strongly non-normal J), or
+    `"normal_cg"` (conjugate gradients on the normal equations A Aᵀ y = g,
+    u = Aᵀ y). Stops when ‖A x - b‖₂ <= tol ‖b‖₂ (relative) or after `max_steps`
+    iterations (for GMRES, restart cycles of `restart` inner steps).
 
-    BiCGStab is this library's own per-example loop, a
-    [`eqprop_jax.ragged_while_loop`][] with `batch_buckets` bucket sizes: under
-    `vmap` an example whose adjoint has converged stops costing matvecs, and
-    `AdjointStats.steps` is its own iteration count. GMRES and normal CG come from
-    `jax.scipy` and run the batch in lockstep (their `steps` is `max_steps`).
+    BiCGStab and GMRES are this library's own per-example loops
+    (`eqprop_jax._krylov`), [`eqprop_jax.ragged_while_loop`][]s with
+    `batch_buckets` bucket sizes: under `vmap` an example whose adjoint has
+    converged stops costing matvecs, and `AdjointStats.steps` is its own count of
+    iterations (GMRES: inner steps). Normal CG comes from `jax.scipy` and runs the
+    batch in lockstep (its `steps` is `max_steps`).
     """
 
     method: Literal["gmres", "bicgstab", "normal_cg"] = "bicgstab"
@@ -249,17 +207,9 @@ class Implicit(AbstractAdjoint):
     def _linear_solve(self, op, b):
         steps = jnp.array(self.max_steps, jnp.int32)
         if self.method == "gmres":
-            x, _ = jsla.gmres(
-                op,
-                b,
-                tol=self.tol,
-                atol=0.0,
-                restart=min(self.restart, b.size),
-                maxiter=self.max_steps,
-                solve_method="batched",
-            )
+            x, steps = gmres(op, b, self.tol, self.max_steps, self.restart, self.batch_buckets)
         elif self.method == "bicgstab":
-            x, steps = _bicgstab(op, b, self.tol, self.max_steps, self.batch_buckets)
+            x, steps = bicgstab(op, b, self.tol, self.max_steps, self.batch_buckets)
         else:
             op_t = jax.linear_transpose(op, b)
             y, _ = jsla.cg(

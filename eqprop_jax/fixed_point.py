@@ -124,7 +124,11 @@ def _iterate(solver: AbstractSolver, fn: Callable[[Array], Array], z0: Array, ki
         return z, fz, state, step, res, jnp.minimum(best, res), result
 
     if kind == "lax":
-        out = ragged_while_loop(cond, body, init, max_buckets=solver.batch_buckets)
+        # tol = rtol = 0 means "run max_steps": no example finishes early, so
+        # compaction would only add compiled copies of the body.
+        fixed = all(isinstance(t, int | float) and t == 0 for t in (atol, rtol))
+        buckets = 1 if fixed else solver.batch_buckets
+        out = ragged_while_loop(cond, body, init, max_buckets=buckets)
     else:
         out = eqxi.while_loop(cond, body, init, max_steps=solver.max_steps, kind=kind)
     z, _, _, step, res, _, result = out

@@ -42,7 +42,9 @@ class AbstractSolver(eqx.Module):
     so often the examples still running are gathered into a smaller batch, so
     finished examples cost nothing. `batch_buckets` caps the number of batch sizes
     used (each compiles one copy of f and the update); 1 steps the whole batch in
-    lockstep until the slowest example stops, as `lax.while_loop` does.
+    lockstep until the slowest example stops, as `lax.while_loop` does. With
+    `tol = rtol = 0` (a fixed number of steps, as EP's phases use) no example stops
+    early, and the loop is not compacted.
 
     Concrete solvers implement `init` (their state from z0 and f(z0)) and `update`
     (the next iterate from z, f(z) and the state).
