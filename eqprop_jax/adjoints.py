@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from ._krylov import bicgstab, gmres
+from ._krylov import _norm, bicgstab, gmres
 from ._ragged import ragged_while_loop
 from .solvers.base import _check_nonnegative, _check_positive_int
 
@@ -43,10 +43,6 @@ class AdjointStats(eqx.Module):
     steps: Int[Array, "..."]
     residual: Float[Array, "..."]
     converged: Array
-
-
-def _norm(x):
-    return jnp.sqrt(jnp.sum(jnp.abs(x) ** 2))
 
 
 def _warn(converged, steps, residual):
@@ -94,10 +90,6 @@ class AbstractAdjoint(eqx.Module):
 
 
 _OnFailure = Literal["warn", "raise", "ignore"]
-
-
-def _dot(a, b):
-    return jnp.sum(jnp.conj(a) * b)
 
 
 def _richardson(op: Linear, b: Array, tol: float, max_steps: int, fixed: bool, buckets: int = 4):
