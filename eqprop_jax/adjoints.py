@@ -197,7 +197,6 @@ class Implicit(AbstractAdjoint):
         _check_positive_int("batch_buckets", self.batch_buckets)
 
     def _linear_solve(self, op, b):
-        steps = jnp.array(self.max_steps, jnp.int32)
         if self.method == "gmres":
             x, steps = gmres(op, b, self.tol, self.max_steps, self.restart, self.batch_buckets)
         elif self.method == "bicgstab":
@@ -208,6 +207,7 @@ class Implicit(AbstractAdjoint):
                 lambda v: op(op_t(v)[0]), b, tol=self.tol, atol=0.0, maxiter=self.max_steps
             )
             x = op_t(y)[0]
+            steps = jnp.array(self.max_steps, jnp.int32)  # jax.scipy reports no count
         return x, steps
 
 
