@@ -91,36 +91,52 @@ def _unpool(g: Array, idx: Array | None, q: int, hw: tuple[int, int]) -> Array:
     return jnp.pad(up, ((0, hw[0] - h2 * q), (0, hw[1] - w2 * q), (0, 0)))
 
 
-def _conv_transpose_hwc(g: Array, w: Array, padding: int, hw: tuple[int, int]) -> Array:
+def _flips(kernel_hw, padding: int, in_hw, out_hw) -> bool:
+    """Whether the transpose of a stride-1 conv (kernel size `kernel_hw`, input size
+    `in_hw`, output size `out_hw`) is best taken as a flipped-kernel convolution (see
+    [`_conv_transpose_hwc`][])."""
+    kh, kw = kernel_hw
+    fits = padding <= kh - 1 and padding <= kw - 1
+    return fits and in_hw[0] * in_hw[1] <= out_hw[0] * out_hw[1]
+
+
+def _down_kernel(w: Array, flips: bool) -> Array:
+    """The kernel [`_conv_transpose_hwc`][] takes: flipped with in/out channels swapped
+    when `flips`, else `w` itself."""
+    return jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3) if flips else w
+
+
+def _conv_transpose_hwc(
+    g: Array, w_down: Array, padding: int, hw: tuple[int, int], flips: bool
+) -> Array:
     r"""Adjoint of `_conv_hwc(·, w, padding)` applied to `g`: the input gradient of the
     convolution, Σ_{o,p,q} g[y-p+pad, x-q+pad, o] w[p, q, i, o], written as forward
-    work. Autodiff's transposed convolution runs ~7-10x slower than a forward one
-    inside XLA:CPU while loops (benchmarks/results/ep_conv.md).
+    work (`w_down = _down_kernel(w, flips)`, `hw` the input's spatial size).
+    Autodiff's transposed convolution runs ~7-10x slower than a forward one inside
+    XLA:CPU while loops (benchmarks/results/ep_conv.md).
 
-    A 'same' or wider convolution: the forward convolution of `g` with the flipped,
-    in/out-swapped kernel (same FLOPs as the forward pass). A shrinking ('valid')
-    one: there that convolution would multiply a (k-1)-wide border of zeros (2.25x
-    the work for the 5x5 P-conv layer), so each tap's channel product g w[p, q]ᵀ is
-    added at its offset instead.
+    `flips` ('same' or wider convolutions): the forward convolution of `g` with the
+    flipped, in/out-swapped kernel, the same FLOPs as the forward pass. Otherwise (a
+    shrinking 'valid' convolution, where that convolution would multiply a
+    (k-1)-wide border of zeros: 2.25x the work for the 5x5 P-conv layer), each
+    tap's channel product g w[p, q]ᵀ is added at its offset.
     """
-    kh, kw = w.shape[:2]
-    h2, w2 = g.shape[:2]
-    pad_h, pad_w = kh - 1 - padding, kw - 1 - padding
-    if hw[0] * hw[1] <= h2 * w2 and pad_h >= 0 and pad_w >= 0:
-        flipped = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
+    kh, kw = w_down.shape[:2]
+    if flips:
         return lax.conv_general_dilated(
             g[None],
-            flipped,
+            w_down,
             window_strides=(1, 1),
-            padding=((pad_h, pad_h), (pad_w, pad_w)),
+            padding=((kh - 1 - padding,) * 2, (kw - 1 - padding,) * 2),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )[0]
-    # Each tap's product is added in place at its offset: measured faster than one
-    # fused sum of k² padded copies, which XLA:CPU does not vectorise well.
-    out = jnp.zeros((h2 + kh - 1, w2 + kw - 1, w.shape[2]), g.dtype)
+    # In-place adds at each tap's offset: measured faster than one fused sum of k²
+    # padded copies, which XLA:CPU does not vectorise well.
+    h2, w2 = g.shape[:2]
+    out = jnp.zeros((h2 + kh - 1, w2 + kw - 1, w_down.shape[2]), g.dtype)
     for p in range(kh):
         for q in range(kw):
-            out = out.at[p : p + h2, q : q + w2].add(jnp.einsum("hwo,io->hwi", g, w[p, q]))
+            out = out.at[p : p + h2, q : q + w2].add(jnp.einsum("hwo,io->hwi", g, w_down[p, q]))
     return out[padding : padding + hw[0], padding : padding + hw[1]]
 
 
@@ -371,18 +387,20 @@ class ConvHopfield(EnergyModel):
     def step(self, s: State, x: Array, y: Array, beta: Any) -> State:
         """s_l ← σ(∂(Φ - βC)/∂s_l), all layers at once or even-then-odd (see class doc).
 
-        The field ∂(Φ - βC)/∂s is written out (pooled convolution up, flipped-kernel
-        convolution of the argmax-unpooled layer above down) rather than taken by
-        `jax.grad`: it equals autodiff's to rounding (tested), and runs several
-        times faster inside XLA:CPU relaxation loops. The input layer's pooled
-        convolution of x does not depend on the state, so XLA hoists it out of the
-        loop; an async sweep reuses the convolutions the first half-step computed
-        of layers that did not move.
+        The field ∂(Φ - βC)/∂s is written out (pooled convolution up, transposed
+        convolution of the argmax-unpooled layer above down, both as forward
+        convolutions, channels-last) rather than taken by `jax.grad`: it equals
+        autodiff's to rounding (tested) and runs several times faster inside
+        XLA:CPU relaxation loops. An async sweep reuses the convolutions of layers
+        that did not move in its first half.
         """
         _check_real(beta)
         self._check_x(x)
         n = len(self.conv_weights)
-        out = self._step_hwc(self._hwc_state(s), _hwc(x), y, beta)
+        up, down = self._kernels()
+        x = _hwc(x)
+        drive = self._pooled(0, x, up)
+        out = self._step_hwc(self._hwc_state(s), (up, down, drive), y, beta)
         return tuple(_chw(a) for a in out[:n]) + tuple(out[n:])
 
     def relax(
@@ -397,17 +415,24 @@ class ConvHopfield(EnergyModel):
     ) -> Solution:
         """The equilibrium s^β from `s0` by iterating `step` (see
         [`eqprop_jax.EnergyModel.relax`][]; default solver `Picard(tol=0,
-        max_steps=50)`). The loop carries the conv layers channels-last and converts
-        them once on the way in and out, not at every step."""
+        max_steps=50)`).
+
+        Work that does not depend on the state is done once, before the loop: the
+        kernels' channels-last and flipped forms and the input layer's pooled
+        convolution of x. The loop carries the conv layers channels-last, converted
+        once on the way in and out.
+        """
         _check_real(beta)
         self._check_x(x)
         s0 = self.init_state(x) if s0 is None else s0
         solver = Picard(tol=0.0, max_steps=50) if solver is None else solver
         n = len(self.conv_weights)
+        up, down = self._kernels()
+        drive = self._pooled(0, _hwc(x), up)
         sol = fixed_point(
             lambda s, args: self._step_hwc(s, *args),
             self._hwc_state(s0),
-            (_hwc(x), y, beta),
+            ((up, down, drive), y, beta),
             solver=solver,
             adjoint=adjoint,
         )
@@ -418,36 +443,54 @@ class ConvHopfield(EnergyModel):
         n = len(self.conv_weights)
         return tuple(_hwc(a) for a in s[:n]) + tuple(s[n:])
 
-    def _step_hwc(self, s: tuple[Array, ...], x: Array, y: Array, beta: Any):
-        """`step` on a state whose conv layers (and `x`) are channels-last."""
+    def _flips(self) -> tuple[bool, ...]:
+        """Per conv layer, whether its transpose is taken by a flipped convolution."""
+        out = []
+        for j, w in enumerate(self.conv_weights):
+            in_hw = self.in_shape[1:] if j == 0 else self.layer_shapes[j - 1][1:]
+            out.append(_flips(w.shape[2:], self.paddings[j], in_hw, self._conv_hw(j)))
+        return tuple(out)
+
+    def _kernels(self) -> tuple[tuple[Array, ...], tuple[Array | None, ...]]:
+        """The conv kernels channels-last (HWIO) for the bottom-up convolutions, and
+        the kernels of the top-down (transposed) ones; layer 0 has none."""
+        up = tuple(jnp.transpose(w, (2, 3, 1, 0)) for w in self.conv_weights)
+        flips = self._flips()
+        down = (None,) + tuple(_down_kernel(w, f) for w, f in zip(up[1:], flips[1:]))
+        return up, down
+
+    def _step_hwc(self, s: tuple[Array, ...], consts, y: Array, beta: Any):
+        """`step` on a state whose conv layers are channels-last; `consts` holds the
+        kernels and the input layer's pooled convolution of x."""
+        up, down, drive = consts
         rho = get_activation(self.activation)
-        kernels = tuple(jnp.transpose(w, (2, 3, 1, 0)) for w in self.conv_weights)  # HWIO
         layers = list(s)
-        # cache[j]: (pooled, argmax) of conv_j(layer j-1) + b_j for the current layers;
-        # layer -1 is x.
-        cache = {0: self._pooled(0, x, kernels)}
+        # cache[j]: (pooled, argmax) of conv_j(layer j-1) + b_j for the current
+        # layers; layer -1 is x.
+        cache = {0: drive}
         if self.update == "sync":
             halves = (tuple(range(len(s))),)
         else:
             halves = (tuple(range(0, len(s), 2)), tuple(range(1, len(s), 2)))
         for which in halves:
-            fields = self._fields(layers, cache, kernels, y, beta, which)
+            fields = self._fields(layers, cache, up, down, y, beta, which)
             for i in which:
                 layers[i] = rho(fields[i])
                 cache.pop(i + 1, None)  # conv_{i+1} reads layer i, which moved
         return tuple(layers)
 
-    def _pooled(self, j: int, below: Array, kernels) -> tuple[Array, Array | None]:
-        a = _conv_hwc(below, kernels[j], self.paddings[j]) + self.conv_biases[j]
+    def _pooled(self, j: int, below: Array, up) -> tuple[Array, Array | None]:
+        a = _conv_hwc(below, up[j], self.paddings[j]) + self.conv_biases[j]
         return _pool_argmax(a, self.pools[j])
 
-    def _fields(self, layers, cache, kernels, y, beta, which) -> dict[int, Array]:
+    def _fields(self, layers, cache, up, down, y, beta, which) -> dict[int, Array]:
         """∂(Φ - βC)/∂s_i for i in `which` (conv layers channels-last), by hand."""
         n = len(self.conv_weights)
+        flips = self._flips()
 
         def pooled(j):
             if j not in cache:
-                cache[j] = self._pooled(j, layers[j - 1], kernels)
+                cache[j] = self._pooled(j, layers[j - 1], up)
             return cache[j]
 
         last = n if self.cost_type == "mse" else n - 1  # the layer C reads
@@ -458,14 +501,13 @@ class ConvHopfield(EnergyModel):
             else:
                 f = pooled(i)[0]
                 if i + 1 < n:  # from the conv layer above, routed through its argmax
-                    idx = pooled(i + 1)[1]
-                    g = _unpool(layers[i + 1], idx, self.pools[i + 1], self._conv_hw(i + 1))
-                    f = f + _conv_transpose_hwc(
-                        g, kernels[i + 1], self.paddings[i + 1], layers[i].shape[:2]
-                    )
+                    j = i + 1
+                    g = _unpool(layers[j], pooled(j)[1], self.pools[j], self._conv_hw(j))
+                    hw = layers[i].shape[:2]
+                    f = f + _conv_transpose_hwc(g, down[j], self.paddings[j], hw, flips[j])
                 elif self.cost_type == "mse":  # from the output layer through fc
-                    down = self.fc_weight.T @ layers[n]
-                    f = f + _hwc(down.reshape(_chw(layers[i]).shape))
+                    back = self.fc_weight.T @ layers[n]
+                    f = f + _hwc(back.reshape(_chw(layers[i]).shape))
             if i == last:
                 v = layers[i] if i == n else _chw(layers[i])
                 dc = jax.grad(lambda v: self._cost_last(v, y))(v)
