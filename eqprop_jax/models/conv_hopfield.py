@@ -456,7 +456,7 @@ class ConvHopfield(EnergyModel):
         the kernels of the top-down (transposed) ones; layer 0 has none."""
         up = tuple(jnp.transpose(w, (2, 3, 1, 0)) for w in self.conv_weights)
         flips = self._flips()
-        down = (None,) + tuple(_down_kernel(w, f) for w, f in zip(up[1:], flips[1:]))
+        down = (None,) + tuple(_down_kernel(w, f) for w, f in zip(up[1:], flips[1:], strict=True))
         return up, down
 
     def _step_hwc(self, s: tuple[Array, ...], consts, y: Array, beta: Any):
