@@ -18,6 +18,7 @@ from ..fixed_point import fixed_point
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
 from ._checks import check_classifier_input
+from ._conv import conv2d
 from .activations import get_activation
 from .energy import EnergyModel, State
 
@@ -57,14 +58,9 @@ def _chw(s: Array) -> Array:
 
 
 def _conv_hwc(s: Array, w: Array, padding: int) -> Array:
-    """Cross-correlation of an (H, W, C) map with an (kh, kw, C, O) kernel, stride 1."""
-    return lax.conv_general_dilated(
-        s[None],
-        w,
-        window_strides=(1, 1),
-        padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )[0]
+    """Cross-correlation of an (H, W, C) map with an (kh, kw, C, O) kernel, stride 1;
+    its derivatives (BPTT through `step`) are fast inside loops too (`conv2d`)."""
+    return conv2d(s, w, padding)
 
 
 def _pool_argmax(a: Array, q: int) -> tuple[Array, Array | None]:
@@ -122,14 +118,8 @@ def _conv_transpose_hwc(
     tap's channel product g w[p, q]ᵀ is added at its offset.
     """
     kh, kw = w_down.shape[:2]
-    if flips:
-        return lax.conv_general_dilated(
-            g[None],
-            w_down,
-            window_strides=(1, 1),
-            padding=((kh - 1 - padding,) * 2, (kw - 1 - padding,) * 2),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )[0]
+    if flips:  # square kernels (ConvHopfield's)
+        return conv2d(g, w_down, kh - 1 - padding)
     # In-place adds at each tap's offset: measured faster than one fused sum of k²
     # padded copies, which XLA:CPU does not vectorise well.
     h2, w2 = g.shape[:2]
