@@ -22,8 +22,10 @@ Rows (the peers' configurations of issue 14, at GPU batch sizes):
 One training step = the estimator's gradient (for DTP its feedback training first) and
 an optax update, jitted once, on synthetic data. Compile time (trace + lower + XLA
 compile) apart from the steady state (median wall time of at least 3 calls, each
-ended by `block_until_ready`). Rows run in order until `--budget` seconds have
-passed; the rest are marked skipped. A row that fails is marked with its error and
+ended by `block_until_ready`). Rows run, most wanted first (every section in
+float32, the solver comparison, then bfloat16, the P-CNN last), until `--budget`
+seconds have passed (default 450: with the last row started, about 8 minutes); the
+rest are marked skipped. A row that fails is marked with its error and
 the run goes on.
 
     python benchmarks/gpu.py [--out benchmarks/results/gpu.md] [--budget 450] [--tiny]
@@ -50,6 +52,7 @@ import optax
 import eqprop_jax as eqp
 from eqprop_jax.diagnostics.dtp import backprop_gradients
 from eqprop_jax.models.layered import LayeredNet
+from eqprop_jax.models.resistive import ResistiveNetwork
 
 try:  # run as `python benchmarks/gpu.py` or imported as `benchmarks.gpu`
     from _timing import machine_info, time_jitted
@@ -214,7 +217,7 @@ def mlp_rows(tiny: bool, batch: int):
         "DRN-XS (rain: resistive, 4 / 4x2 sweeps, β 1)",
         b,
         f"784x2-{hid[2]}-10x2 resistive, T {t3[0]}/{t3[1]} centered",
-        lambda dt, key: eqp.ResistiveNetwork((784, hid[2], 10), key=key, dtype=dt),
+        lambda dt, key: ResistiveNetwork((784, hid[2], 10), key=key, dtype=dt),
         eqp.EquilibriumProp(beta=1.0, variant="centered", free_steps=t3[0], nudged_steps=t3[1]),
         optax.sgd(0.006),
         None,
@@ -310,13 +313,17 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.md"))
-    p.add_argument("--budget", type=float, default=450.0, help="seconds; later rows skipped")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds (default 450; none with --tiny)"
+    )
     p.add_argument("--tiny", action="store_true", help="toy sizes (a CPU check of the script)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--mlp-batch", type=int, default=4096)
     args = p.parse_args(argv)
     tiny = args.tiny or os.environ.get("EQP_BENCH_TINY", "") not in ("", "0")
+    if args.budget is None:
+        args.budget = float("inf") if tiny else 450.0
     start = time.perf_counter()
     budget_left = lambda: args.budget - (time.perf_counter() - start)  # noqa: E731
     info = machine_info()
@@ -326,15 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows: list[Row] = []
     solver_report = ""
-    for dtype in args.dtypes:
-        specs = []
-        if "dchn" in args.only:
-            specs += [("dchn", *r) for r in dchn_rows(tiny)]
-        if "pcnn" in args.only:
-            specs += [("pcnn", *r) for r in pcnn_rows(tiny)]
-        if "mlp" in args.only:
-            specs += [("mlp", *r) for r in mlp_rows(tiny, args.mlp_batch)]
-        for section, name, batch, settings, build, est, opt, epoch in specs:
+
+    def ep_section(section, specs, dtype):
+        for name, batch, settings, build, est, opt, epoch in specs:
             if budget_left() <= 0:
                 rows.append(
                     Row(section, name, dtype, batch, settings, note="skipped (time budget)")
@@ -347,17 +348,38 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:  # noqa: BLE001 - one failing row must not stop the run
                 rows.append(Row(section, name, dtype, batch, settings, note=_failure(e)))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-        if "vgg" in args.only:
-            rows += vgg_rows(tiny, dtype, budget_left)
+
+    def run_section(section, dtype):
+        nonlocal solver_report
+        if section == "dchn":
+            ep_section(section, dchn_rows(tiny), dtype)
+        elif section == "pcnn":
+            ep_section(section, pcnn_rows(tiny), dtype)
+        elif section == "mlp":
+            ep_section(section, mlp_rows(tiny, args.mlp_batch), dtype)
+        elif section == "vgg":
+            rows.extend(vgg_rows(tiny, dtype, budget_left))
             print("\n".join(table(rows[-2:]).splitlines()[-2:]), flush=True)
-    if "solvers" in args.only:
-        if budget_left() <= 0:
+        elif budget_left() <= 0:
             solver_report = "Solver comparison: skipped (time budget)."
         else:
             try:
                 solver_report = solver_rows(tiny)[1]
             except Exception as e:  # noqa: BLE001
                 solver_report = f"Solver comparison: {_failure(e)}"
+
+    # Most wanted first, so that a tight budget drops the least wanted rows: every
+    # section in the first dtype (the GPU goals: DCHN, L-DRL), the solver comparison
+    # (float32 only), then the other dtypes; the P-CNN (an MNIST CPU row) last.
+    order = [s for s in ("dchn", "vgg", "mlp") if s in args.only]
+    for i, dtype in enumerate(args.dtypes):
+        for section in order:
+            run_section(section, dtype)
+        if i == 0 and "solvers" in args.only:
+            run_section("solvers", dtype)
+    if "pcnn" in args.only:
+        for dtype in args.dtypes:
+            run_section("pcnn", dtype)
 
     elapsed = time.perf_counter() - start
     cmd = "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -369,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"host: {info['platform']}, {info['cpus']} CPUs; `uptime`: {info['uptime']}",
             f"- command: `{cmd.strip()}`"
             + (" (tiny sizes: a check, not a benchmark)" if tiny else ""),
-            f"- whole run: {elapsed:.0f} s (budget {args.budget:.0f} s)",
+            f"- whole run: {elapsed:.0f} s (budget {args.budget:.0f} s)".replace("inf s", "none"),
             "- one training step = gradient estimate + optax update, jitted; synthetic data; "
             "step = median wall time (`block_until_ready`), compile = trace + lower + compile",
             "",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import eqprop_jax as eqp
+from eqprop_jax.models._conv import conv2d
 from eqprop_jax.models.conv_hopfield import (
     _autodiff_step,
     _conv_hwc,
@@ -200,3 +201,34 @@ def test_relaxation_compiles_to_a_loop_whatever_the_step_count():
     # The step counts appear only as loop bounds: same program size.
     assert abs(len(short) - len(long)) < 0.01 * len(short)
     assert "while" in short
+
+
+# -- conv2d: the convolution with hand-picked derivative forms -------------------------
+
+
+@pytest.mark.parametrize("hw,k,pad", [((6, 5), 3, 1), ((8, 8), 5, 0), ((2, 2), 3, 1)])
+def test_conv2d_value_and_derivatives_match_lax(hw, k, pad):
+    # ((2, 2), 3, 1): a kernel wider than the map, computed by per-tap products.
+    kx, kw, kt = jax.random.split(KEY, 3)
+    x = jax.random.normal(kx, (3, *hw, 2))  # a batch of 3
+    w = jax.random.normal(kw, (k, k, 2, 4))
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(
+            x[None], w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )[0]
+
+    def loss(conv):
+        # Batch mean under vmap, as the estimators call it.
+        return lambda x, w: jnp.mean(jnp.sin(jax.vmap(lambda xi: conv(xi, w))(x)))
+
+    mine = lambda x, w: conv2d(x, w, pad)  # noqa: E731
+    np.testing.assert_allclose(jax.vmap(mine, (0, None))(x, w), jax.vmap(ref, (0, None))(x, w))
+    for a, b in zip(
+        jax.grad(loss(mine), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    tx, tw = jax.random.normal(kt, x.shape), jax.random.normal(kt, w.shape)
+    np.testing.assert_allclose(
+        jax.jvp(loss(mine), (x, w), (tx, tw))[1], jax.jvp(loss(ref), (x, w), (tx, tw))[1]
+    )
