@@ -10,7 +10,9 @@ from .adjoints import (
     AdjointStats,
     AlmeidaPineda,
     Implicit,
+    JacobianFree,
     Neumann,
+    PhantomGradient,
     Unrolled,
     adjoint_probe,
 )
@@ -26,6 +28,7 @@ from .estimators import (
 from .estimators.dtp import DTP
 from .fixed_point import fixed_point
 from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
+from .regularisation import SpectralRadius, jacobian_frobenius, spectral_radius
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
 __version__ = "0.1.0"
@@ -45,7 +48,9 @@ __all__ = [
     "Anderson",
     "Broyden",
     "Implicit",
+    "JacobianFree",
     "Neumann",
+    "PhantomGradient",
     "Picard",
     "Result",
     "Solution",
@@ -55,6 +60,9 @@ __all__ = [
     "ragged_while_loop",
     "batch_compaction",
     "gradient_alignment",
+    "jacobian_frobenius",
+    "spectral_radius",
+    "SpectralRadius",
     "BPTT",
     "EquilibriumProp",
     "HopfieldMLP",
