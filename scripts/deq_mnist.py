@@ -80,6 +80,12 @@ class Cell(eqx.Module):
         return jnp.tanh(self.w(z) + inp["u"])
 
 
+def start_at_z0(inp):
+    # A module-level function, not a lambda per model: jitted functions are cached on
+    # the model's static parts, and a new lambda per model would recompile every run.
+    return inp["z0"]
+
+
 class Classifier(eqx.Module):
     encoder: eqx.nn.MLP
     deq: eqp.DEQ
@@ -91,7 +97,7 @@ class Classifier(eqx.Module):
         w = eqx.nn.Linear(hidden, hidden, use_bias=False, key=k2)
         # Start well inside the contraction regime: ‖W‖₂ = 0.5.
         w = eqx.tree_at(lambda lin: lin.weight, w, 0.5 * w.weight / jnp.linalg.norm(w.weight, 2))
-        self.deq = eqp.DEQ(Cell(w), z_init=lambda inp: inp["z0"], solver=solver, adjoint=adjoint)
+        self.deq = eqp.DEQ(Cell(w), z_init=start_at_z0, solver=solver, adjoint=adjoint)
         self.head = eqx.nn.Linear(hidden, n_out, key=k3)
 
     def solve(self, x, z0, probe=None):
@@ -466,11 +472,11 @@ def parse(argv=None):
     p.add_argument("--out", default="runs/deq_mnist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="2 epochs on 5000 training and 2000 test images per dataset, hidden 64")
+                   help="2 epochs on 10000 training and 5000 test images per dataset, hidden 128")
     p.add_argument("--smoke", action="store_true", help="random 8x8 data, a few steps (seconds)")
     args = p.parse_args(argv)
     if args.quick:
-        args.epochs, args.train_size, args.test_size, args.hidden = 2, 5000, 2000, 64
+        args.epochs, args.train_size, args.test_size, args.hidden = 2, 10000, 5000, 128
     if args.smoke:
         args.epochs, args.batch, args.hidden, args.angle_every = 2, 16, 8, 2
         args.max_steps, args.eval_block, args.buckets = 20, 32, 1
