@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from .estimators._batch import check_labels
 from .estimators.base import Estimator
 from .train.loop import TrainConfig
 
@@ -132,8 +133,9 @@ class Backprop(Estimator):
     def __call__(self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None):
         def loss_fn(m):
             logits = jax.vmap(m)(x)
+            labels = check_labels("Backprop", y, logits.shape[-1])
             logp = jax.nn.log_softmax(logits)
-            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), logits
+            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), logits
 
         (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
         return loss, grads, {"predictions": logits}

@@ -11,7 +11,8 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.resistive import ResistiveNetwork, local_ep_gradient
 from ..solvers.picard import Picard
-from ._batch import check_batch, free_phase_summary
+from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
+from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator
 
 _NUDGES = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "centered": (-1.0, 1.0)}
@@ -34,7 +35,8 @@ class ResistiveEP(Estimator):
     by `model.project()` to keep g ≥ 0.
 
     `aux`: "state" (free equilibrium, batched), "predictions", "stats" and "result"
-    of the free phase.
+    of the free phase, "nudged_result" and "nudged_stats" of the nudged phases run
+    (batch, P), P = 1 one-sided, 2 centered; see [`eqprop_jax.estimators.Estimator`][].
     """
 
     beta: float = 1.0
@@ -49,22 +51,19 @@ class ResistiveEP(Estimator):
             raise ValueError(
                 f"ResistiveEP: `variant` must be one of {tuple(_NUDGES)}, got {self.variant!r}."
             )
-        if not isinstance(self.beta, jax.core.Tracer) and float(self.beta) <= 0:
-            raise ValueError(f"ResistiveEP: `beta` must be positive, got {self.beta}.")
-        for name in ("free_steps", "nudged_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ResistiveEP: `{name}` must be a positive integer, got {v!r}.")
+        check_beta("ResistiveEP", self.beta, positive=True)
+        check_steps("ResistiveEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def __call__(
         self, model: ResistiveNetwork, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
         if not isinstance(model, ResistiveNetwork):
             raise TypeError(f"ResistiveEP: needs a ResistiveNetwork, got {type(model).__name__}.")
-        check_batch("ResistiveEP", model, x, y)
+        y = check_batch("ResistiveEP", model, x, y)
         lo, hi = _NUDGES[self.variant]
         dtype = model.init_state(x[0])[0].dtype
-        b1, b2 = (jnp.asarray(c * self.beta, dtype) for c in (lo, hi))
+        beta = checked_beta("ResistiveEP", self.beta, positive=True)
+        b1, b2 = (jnp.asarray(c * beta, dtype) for c in (lo, hi))
         free_solver = Picard(tol=0.0, max_steps=self.free_steps)
         nudged_solver = Picard(tol=0.0, max_steps=self.nudged_steps)
 
@@ -74,13 +73,16 @@ class ResistiveEP(Estimator):
 
             def nudged(c, b):
                 if c == 0.0:
-                    return s0
-                return model.relax(xi, yi, b, s0, solver=nudged_solver).value
+                    return None
+                return model.relax(xi, yi, b, s0, solver=nudged_solver)
 
-            s1, s2 = nudged(lo, b1), nudged(hi, b2)
-            return free, local_ep_gradient(model, xi, s1, s2, b1, b2)
+            p1, p2 = nudged(lo, b1), nudged(hi, b2)
+            s1, s2 = (s0 if p is None else p.value for p in (p1, p2))
+            run = stack_phases(*(p for p in (p1, p2) if p is not None))
+            return free, run, local_ep_gradient(model, xi, s1, s2, b1, b2)
 
-        free, grads = jax.vmap(per_example)(x, y)
+        free, nudged_phases, grads = jax.vmap(per_example)(x, y)
         grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        loss, aux = free_phase_summary(model, free, y)
+        loss, aux = free_phase_summary(model, free, y, nudged_phases)
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux

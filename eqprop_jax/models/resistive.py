@@ -209,6 +209,11 @@ class ResistiveNetwork(EnergyModel):
     def num_classes(self) -> int:
         return self.layer_sizes[-1]
 
+    @property
+    def n_outputs(self) -> int:
+        """Number of classes (the name every model shares; estimators check labels with it)."""
+        return self.num_classes
+
     def bounds(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """Per free layer, the (lower, upper) voltage bounds the diodes impose."""
         out = []
