@@ -22,13 +22,14 @@ def check_labels(who: str, y: Array, n_outputs: int) -> Array:
     """
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
         return y
-    bad = (y < 0) | (y >= n_outputs)
     msg = f"{who}: labels out of range: the model has {n_outputs} outputs"
     msg += f" (labels 0..{n_outputs - 1})"
     if isinstance(y, jax.core.Tracer):
-        return eqx.error_if(y, bad, msg + ".")
-    if jnp.size(y) and bool(jnp.any(bad)):
-        raise ValueError(f"{msg}; y spans [{int(jnp.min(y))}, {int(jnp.max(y))}].")
+        return eqx.error_if(y, (y < 0) | (y >= n_outputs), msg + ".")
+    # NumPy, not jnp: inside a `jit` trace jnp would stage even concrete labels out.
+    labels = np.asarray(y)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_outputs):
+        raise ValueError(f"{msg}; y spans [{labels.min()}, {labels.max()}].")
     return y
 
 

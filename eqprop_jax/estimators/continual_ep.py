@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
@@ -93,12 +94,12 @@ class ContinualEP(Estimator):
         for leaf in leaves:
             if isinstance(leaf, jax.core.Tracer):
                 continue
-            a = jnp.asarray(leaf)
-            if not jnp.issubdtype(a.dtype, jnp.number) or jnp.iscomplexobj(a):
+            a = np.asarray(leaf)
+            if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
                 raise TypeError(
                     f"ContinualEP: `learning_rate` must hold real numbers, got {leaf!r}."
                 )
-            if a.size == 0 or not bool(jnp.all(jnp.isfinite(a) & (a > 0))):
+            if a.size == 0 or not np.all(np.isfinite(a) & (a > 0)):
                 raise ValueError(
                     f"ContinualEP: `learning_rate` must be finite and positive, got {leaf!r}."
                 )

@@ -37,6 +37,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.layered import ConvFeedback, LayeredNet
@@ -148,7 +149,7 @@ def _check_data(model, x, y, where):
             f"DTP.{where}: y must be integer labels of shape ({x.shape[0]},) or target "
             f"probabilities of shape ({x.shape[0]}, {n_out}), got {y.shape} ({y.dtype})."
         )
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
         raise ValueError(f"DTP.{where}: x contains NaN or infinite values.")
     return x, y
 
