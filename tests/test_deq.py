@@ -3,6 +3,7 @@ the vmap pattern, and the benchmark `benchmarks/deq_train.py` at tiny size."""
 
 import importlib.util
 import pathlib
+import sys
 
 import equinox as eqx
 import jax
@@ -204,19 +205,24 @@ def test_the_docstring_vmap_pattern():
 # --------------------------------------------------------------------- the benchmark
 
 
-def _load_benchmark():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "deq_train.py"
-    spec = importlib.util.spec_from_file_location("deq_train_bench", path)
+def _load_benchmark(monkeypatch):
+    """Import the script as `eqprop-jax bench` does: benchmarks/ on sys.path (for
+    `_timing`), the module registered in sys.modules (for its dataclasses)."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("_eqprop_bench_deq_train", root / "deq_train.py")
     mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_deq_train_benchmark_quick_gradients_agree():
+def test_deq_train_benchmark_quick_gradients_agree(monkeypatch):
     """`benchmarks/deq_train.py --quick` runs, and every library's float32 gradient
     agrees with the float64 dense implicit-function-theorem reference."""
-    bench = _load_benchmark()
-    out = bench.main(["--quick", "--random", "--rounds", "2"])
+    bench = _load_benchmark(monkeypatch)
+    with jax.enable_x64(False):  # a float32 benchmark, as it runs from the command line
+        out = bench.main(["--quick", "--random", "--rounds", "2"])
     rows = out["rows"]
     assert {r.library for r in rows} >= {"eqprop_jax", "optimistix", "jaxopt"}
     for r in rows:
