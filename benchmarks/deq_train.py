@@ -45,8 +45,11 @@ Timing (`benchmarks/_timing.py`): each step is compiled ahead of time (trace + l
 XLA compile, reported apart), then all are called round-robin, each call ended by
 `block_until_ready`; median process CPU time (all threads) and median / min wall time.
 The "fwd" columns time the loss alone (no gradient) to split a step into forward
-solve and backward; "callback sites" counts host-callback custom calls in the
-compiled step (each runs once per example under vmap).
+solve and backward; the step's compile time is split into trace + lower (Python,
+JAX) and XLA compilation; "while loops" and "callback sites" count the `while` ops
+and host-callback custom calls in the compiled step's HLO (a callback under vmap
+is unrolled into one per example; each `batch_buckets` bucket size of a
+compacted loop is one more `while`).
 
 Run: `python benchmarks/deq_train.py` (about a minute on an idle 2-core box, mostly
 compiling) or `--quick` (tiny sizes, four rows, no forward split: a few seconds).
@@ -203,6 +206,13 @@ def jaxopt_solve(tol: float, max_steps: int) -> Solve:
     return solve
 
 
+def describe(adjoint) -> str:
+    """The adjoint's effective settings (those a user gets by default)."""
+    fields = ("method", "tol", "on_failure", "batch_buckets")
+    kw = ", ".join(f"{k}={getattr(adjoint, k)!r}" for k in fields if hasattr(adjoint, k))
+    return f"{type(adjoint).__name__}({kw})".replace("tol=None", "tol=None (follows the solver)")
+
+
 def loss_fn(net: Net, x, y, solve: Solve):
     e = jax.vmap(net.embed)(x)
     z, steps = jax.vmap(lambda e: solve(net, e))(e)
@@ -298,6 +308,8 @@ class Row:
     fwd: Timing | None = None
     iterations: np.ndarray | None = None
     callbacks: int = 0
+    while_loops: int = 0
+    lower_cpu: float = float("nan")
     residual: float = float("nan")
     fwd_err: float = float("nan")
     grad_rel_err: float = float("nan")
@@ -307,14 +319,17 @@ class Row:
     compile_cpu: dict = dataclasses.field(default_factory=dict)
 
 
-def compile_cold(fn: Callable, *args) -> tuple[Callable, float, float]:
+def compile_cold(fn: Callable, *args) -> tuple[Callable, float, float, float]:
     """`jax.jit(fn)` compiled ahead of time for `args` after `jax.clear_caches()`, so
     that no row reuses another's traced or lowered inner functions; returns the
-    executable and the wall and process-CPU seconds of trace + lower + compile."""
+    executable, the wall and process-CPU seconds of trace + lower + XLA compile, and
+    the CPU seconds of trace + lower alone."""
     jax.clear_caches()
     t, c = time.perf_counter(), time.process_time()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t, time.process_time() - c
+    lowered = jax.jit(fn).lower(*args)
+    c_lower = time.process_time() - c
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - t, time.process_time() - c, c_lower
 
 
 def warm_up() -> None:
@@ -331,18 +346,21 @@ def warm_up() -> None:
 
 
 _CALLBACK = re.compile(r'custom_call_target="[^"]*callback[^"]*"')
+_WHILE = re.compile(r" while\(")
 
 
 def prepare(name, library, net, solve, x, y, ref, tol, lr, *, forward: bool) -> Row:
     row = Row(name, library)
-    step, row.compile_s["step"], row.compile_cpu["step"] = compile_cold(
+    step, row.compile_s["step"], row.compile_cpu["step"], row.lower_cpu = compile_cold(
         make_step(solve, lr), net, x, y
     )
-    row.callbacks = len(_CALLBACK.findall(step.as_text()))
+    hlo = step.as_text()
+    row.callbacks = len(_CALLBACK.findall(hlo))
+    row.while_loops = len(_WHILE.findall(hlo))
     _, _, g, z, steps = jax.block_until_ready(step(net, x, y))
     row.calls["step"] = (step, (net, x, y))
     if forward:
-        fwd, row.compile_s["fwd"], row.compile_cpu["fwd"] = compile_cold(
+        fwd, row.compile_s["fwd"], row.compile_cpu["fwd"], _ = compile_cold(
             make_forward(solve), net, x, y
         )
         row.calls["fwd"] = (fwd, (net, x, y))
@@ -374,9 +392,10 @@ def table(rows: list[Row]) -> str:
     head = (
         "| solve | compile s, wall (CPU): step; fwd | step ms: CPU med / wall med / wall min | "
         "fwd ms: CPU med / wall med / wall min | bwd ≈ step − fwd, CPU ms | "
-        "iterations min / median / max | callback sites | scaled residual | fwd max err | "
+        "iterations min / median / max | step compile CPU s: trace+lower / XLA | "
+        "while loops | callback sites | scaled residual | fwd max err | "
         "grad rel err | grad cos |\n"
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|\n"
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -386,7 +405,9 @@ def table(rows: list[Row]) -> str:
         bwd = f"{(r.step.cpu_median_s - r.fwd.cpu_median_s) * 1e3:.2f}" if r.fwd else "—"
         lines.append(
             f"| {r.name} | {step_c}; {fwd_c} | {_ms(r.step)} | {_ms(r.fwd)} | "
-            f"{bwd} | {int(it.min())} / {np.median(it):g} / {int(it.max())} | {r.callbacks} | "
+            f"{bwd} | {int(it.min())} / {np.median(it):g} / {int(it.max())} | "
+            f"{r.lower_cpu:.2f} / {r.compile_cpu['step'] - r.lower_cpu:.2f} | {r.while_loops} | "
+            f"{r.callbacks} | "
             f"{r.residual:.2g} | {r.fwd_err:.1e} | {r.grad_rel_err:.1e} | {r.grad_cos:.8f} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -405,6 +426,30 @@ def ratios(rows: list[Row]) -> str:
             f"{r.step.median_s / base.step.median_s:.2f}× wall; compile "
             f"{base.compile_s['step'] / r.compile_s['step']:.2f}× wall, "
             f"{base.compile_cpu['step'] / r.compile_cpu['step']:.2f}× CPU"
+        )
+    return "\n".join(out) + "\n"
+
+
+def goals(rows: list[Row]) -> str:
+    """Issue 11's goals for the defaults, by median CPU time: at least 2× faster per
+    step than jaxopt and 3× than optimistix, compile (CPU) at most 1.5× theirs."""
+    base = rows[0]
+    out = ["Goals (issue 11), eqprop_jax defaults, by CPU time:"]
+    for lib, need in (("jaxopt", 2.0), ("optimistix", 3.0)):
+        others = [r for r in rows if r.library == lib]
+        if not others:
+            continue
+        speed = [r.step.cpu_median_s / base.step.cpu_median_s for r in others]
+        comp = [base.compile_cpu["step"] / r.compile_cpu["step"] for r in others]
+        out.append(
+            f"- step ≥ {need:g}× faster than {lib}: "
+            + ", ".join(f"{v:.2f}×" for v in speed)
+            + (" — met" if min(speed) >= need else " — NOT met")
+        )
+        out.append(
+            f"- compile ≤ 1.5× {lib}'s: "
+            + ", ".join(f"{v:.2f}×" for v in comp)
+            + (" — met" if max(comp) <= 1.5 else " — NOT met")
         )
     return "\n".join(out) + "\n"
 
@@ -453,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     sqrt_d = float(np.sqrt(d))
     configs = [
         (
-            f"eqprop_jax defaults: DEQ(Picard(tol={tol:g}), Implicit())",
+            f"eqprop_jax defaults: DEQ(Picard(tol={tol:g})) = {describe(net.deq.adjoint)}",
             "eqprop_jax",
             net,
             eqprop_solve,
@@ -538,6 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             table(rows),
             ratios(rows),
+            goals(rows),
         ]
     )
     print(report)
