@@ -51,8 +51,11 @@ and host-callback custom calls in the compiled step's HLO (a callback under vmap
 is unrolled into one per example; each `batch_buckets` bucket size of a
 compacted loop is one more `while`).
 
-Run: `python benchmarks/deq_train.py` (about a minute on an idle 2-core box, mostly
-compiling) or `--quick` (tiny sizes, four rows, no forward split: a few seconds).
+Run: `python benchmarks/deq_train.py` (40 s on the 2-core dev box at load 5, 80 s at
+load 10, mostly compiling) or `--quick` (tiny sizes, four rows, no forward split:
+about 10 s at load 5). From a source checkout, put the checkout first on the path
+(`PYTHONPATH=. python benchmarks/deq_train.py`) if another copy of eqprop_jax is
+installed.
 """
 
 from __future__ import annotations
