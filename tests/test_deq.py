@@ -232,3 +232,17 @@ def test_deq_train_benchmark_quick_gradients_agree(monkeypatch):
         assert r.grad_rel_err < 5e-3, (r.name, r.grad_rel_err)
         assert r.grad_cos > 0.9999, (r.name, r.grad_cos)
         assert r.step.median_s > 0 and r.step.compile_s > 0
+
+
+def test_probe_passes_through_the_layer():
+    # The backward statistics of each example's solve reach the probe's cotangent.
+    net, xs = make()
+
+    def loss(net, probes):
+        return jnp.sum(jax.vmap(lambda x, p: net.deq(x, probe=p))(xs, probes) @ net.head)
+
+    g_net, g_probe = eqx.filter_grad(lambda args: loss(*args))((net, jnp.zeros((5, 3))))
+    stats = eqp.AdjointStats.from_probe(g_probe)
+    assert bool(jnp.all(stats.converged)) and bool(jnp.all(stats.steps >= 1))
+    ref = dense_grad_w(net.deq.cell.w, net.head, xs)
+    assert float(jnp.max(jnp.abs(g_net.deq.cell.w - ref))) <= 1e-9

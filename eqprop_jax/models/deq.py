@@ -201,16 +201,23 @@ class DEQ(eqx.Module):
                 "batch use jax.vmap(deq)(xs))."
             ) from e
 
-    def solve(self, x: PyTree[Array]) -> Solution:
-        """The full [`eqprop_jax.Solution`][] (value, result, stats) for one example `x`."""
+    def solve(self, x: PyTree[Array], *, probe: Array | None = None) -> Solution:
+        """The full [`eqprop_jax.Solution`][] (value, result, stats) for one example `x`.
+
+        `probe`: an [`eqprop_jax.adjoint_probe`][] whose cotangent reports the
+        backward solve's statistics (see [`eqprop_jax.fixed_point`][]).
+        """
         return fixed_point(
             lambda z, x: self.cell(z, x),
             self._z0(x),
             x,
             solver=self.solver,
             adjoint=self.adjoint,
+            probe=probe,
         )
 
-    def __call__(self, x: PyTree[Array], *, key: jax.Array | None = None) -> PyTree[Array]:
+    def __call__(
+        self, x: PyTree[Array], *, key: jax.Array | None = None, probe: Array | None = None
+    ) -> PyTree[Array]:
         """z* for one example `x` (`key` is unused; it is accepted like any equinox layer)."""
-        return self.solve(x).value
+        return self.solve(x, probe=probe).value
