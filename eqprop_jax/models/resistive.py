@@ -327,10 +327,12 @@ class ResistiveNetwork(EnergyModel):
         lam, vec = xp.linalg.eigh(output_conductance_matrix(w, b, xp))
         return lam[0], xp.argmax(xp.abs(vec[:, 0]))
 
-    def _check_nudge(self, x: Array, beta: Any) -> Array:
-        """Refuse a negative β past the convexity bound (see the class docstring).
+    def check_nudge(self, x: Array, beta: Any) -> Array:
+        """Refuse a negative β at or past −[`max_negative_nudge`][] (see the class docstring).
 
-        Returns `x`, wrapped in a run-time check when β or the conductances are traced.
+        Concrete β and conductances: a `ValueError` naming the output node and the bound.
+        Otherwise returns `x` wrapped in a run-time check (`eqx.error_if`) that names the
+        node. `relax` calls it; estimators may call it first, before any solve.
         """
         if jnp.iscomplexobj(beta):
             # Holomorphic EP: a linear net's complex linear solve; its status says
@@ -525,7 +527,7 @@ class ResistiveNetwork(EnergyModel):
         for g in (*self.weights, *self.biases):
             neg = neg | jnp.any(g < 0)
         x = eqx.error_if(x, neg, "ResistiveNetwork: negative conductances; call model.project().")
-        x = self._check_nudge(x, beta)
+        x = self.check_nudge(x, beta)
         return EnergyModel.relax(self, x, y, beta, s0, solver=solver, adjoint=adjoint)
 
     # ---------------------------------------------------------------- training
