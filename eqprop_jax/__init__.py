@@ -1,15 +1,18 @@
 """eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
 
 from . import data, train  # the submodules eqp.data and eqp.train
+from ._checks import default_tol
 from ._ragged import batch_compaction, ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import (
     AbstractAdjoint,
+    AbstractLinearAdjoint,
     AdjointStats,
     AlmeidaPineda,
     Implicit,
     Neumann,
     Unrolled,
+    adjoint_probe,
 )
 from .diagnostics import gradient_alignment
 from .estimators import (
@@ -31,6 +34,9 @@ __all__ = [
     "data",
     "train",
     "AbstractAdjoint",
+    "AbstractLinearAdjoint",
+    "adjoint_probe",
+    "default_tol",
     "AbstractSolver",
     "AdjointStats",
     "AlmeidaPineda",
