@@ -76,9 +76,11 @@ class ResistiveEP(Estimator):
         else:
             # A concrete β lets `relax` skip the convexity check of a positive nudge.
             b1, b2 = (c * float(self.beta) for c in (lo, hi))
-        if lo < 0:
-            # Refuse a non-convex −β phase before any solve runs (again in `relax`).
-            x = model.check_nudge(x, b1)
+        params = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+        if lo < 0 and not any(isinstance(a, jax.core.Tracer) for a in (b1, *params)):
+            # Refuse a non-convex −β phase before any solve runs (`relax` checks again,
+            # and under `jit` it is the only check).
+            model.check_nudge(x, b1)
         free_solver = Picard(tol=0.0, max_steps=self.free_steps)
         nudged_solver = Picard(tol=0.0, max_steps=self.nudged_steps)
 

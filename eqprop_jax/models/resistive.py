@@ -142,21 +142,25 @@ class ResistiveNetwork(EnergyModel):
     bounds.
 
     **Negative nudges** (the −β phase of centered or negative EP) are a negative
-    conductance −|β| at each output: F = P + βC stays the nudged energy of EP's
-    definition (the same F the authors' code minimises, Scellier 2024), but it is
-    convex only while |β| is below the smallest eigenvalue λ_min(S) of the
-    conductance matrix S the outputs see ([`output_conductance_matrix`][], diodes
-    off; a clipped diode only fixes a node, which cannot make F less convex). Past
-    that bound F has no minimiser (it falls without bound along an output direction)
-    and a coordinate step, the stationary point of a 1-D parabola that opens
-    downwards, sits on a saddle: the sweeps never settle and their result depends on
-    how many ran. No convex family can replace βC there without changing EP's
-    estimate (any smooth nudge with ∂F/∂β = C has curvature ≈ H + βI near β = 0), so
-    `relax` **refuses** such a nudge: eagerly a `ValueError` naming the output node and
-    the bound, under `jit` a run-time error (`eqx.error_if`) naming the node.
-    [`ResistiveNetwork.max_negative_nudge`][] gives the bound (for a DRN the outputs'
-    own conductances Σ_i g_ij + b⁺_j + b⁻_j, less a small correction for what the
-    hidden layer passes on).
+    conductance −|β| at each output. F = P + βC is kept as the nudged energy: it is
+    EP's definition, the `total_energy` every estimator differentiates, and what the
+    authors' code minimises (Scellier 2024, no special case for β < 0). It is convex
+    only while |β| is below the smallest eigenvalue λ_min(S) of the conductance
+    matrix S the outputs see
+    ([`eqprop_jax.models.resistive.output_conductance_matrix`][], diodes off; a
+    clipped diode only fixes a node, which cannot make F less convex). Past that
+    bound F has no minimiser (without diodes it falls without bound along an output
+    direction), and a coordinate step, the stationary point of a 1-D parabola that
+    may open downwards, sits on a saddle: the sweeps never settle and the estimate
+    depends on how many ran. A convex stand-in (a current source sized from the free
+    state, or a positive conductance to a target reflected through it) would be a
+    different estimator, tied to the starting state. So `relax` **refuses** such a
+    nudge: eagerly a `ValueError` naming the output node and the bound, under `jit`
+    a run-time error (`eqx.error_if`) naming the node.
+    [`ResistiveNetwork.max_negative_nudge`][] gives the bound: for a DRN, about the
+    outputs' own conductances Σ_i g_ij + b⁺_j + b⁻_j, less what the hidden layer passes
+    on (0.20 against 0.22 S at the weakest output of a (4, 3, 2) net at its default
+    init, so centered EP's β = 1 is refused there; 4.4–4.7 S for DRN-XS at seeds 0–3).
 
     `step` is one exact block coordinate-descent sweep (Scellier 2024): with every
     other voltage fixed, F is a 1-D quadratic in V_j minimised at the conductance-
@@ -309,7 +313,8 @@ class ResistiveNetwork(EnergyModel):
     def max_negative_nudge(self) -> Scalar:
         r"""λ_min(S): the largest |β| a negative nudge may take, F = P + βC staying convex.
 
-        S is the outputs' conductance matrix ([`output_conductance_matrix`][]). F is
+        S is the outputs' conductance matrix
+        ([`eqprop_jax.models.resistive.output_conductance_matrix`][]). F is
         strictly convex for every β > −λ_min(S), whatever the diodes do, and for
         β < −λ_min(S) it is not convex (without diodes: not bounded below). Never
         larger than the smallest total conductance Σ_i g_ij + b⁺_j + b⁻_j at an
@@ -575,10 +580,10 @@ def local_ep_gradient(
 
     The difference of squares is computed as (ΔV² − ΔV¹)(ΔV² + ΔV¹), the first factor
     from the change of each node's voltage between the phases. Subtracting the squares
-    themselves loses the signal in float32 once the drops are large: at input gain 500
-    a 784-100-10 net has drops of hundreds of volts that the nudge changes by
-    millivolts, and the input conductances' estimate came out 0.3% off its float64
-    value that way (1e-7 factored).
+    themselves loses the signal in float32 once the drops are large (tens to hundreds
+    of volts at input gains 50–500, which a nudge changes by millivolts): on a
+    784-100-10 net and 16 MNIST images, the input conductances' estimate came out
+    0.3% off its float64 value that way, 7e-8 factored.
 
     Returns a model-shaped pytree (as `eqx.filter(model, eqx.is_inexact_array)`,
     for one example) whose `weights` and `biases` hold ĝ.
