@@ -198,12 +198,16 @@ def _solve_implicit(dyn, z0, probe, *, flat_fn, solver, adjoint, tols, adjoint_t
         else:
             matvec = lambda v: (v[0] - jac_z(v[0]), v[1])
             # custom_linear_solve transposes only when every part of its right-hand
-            # side is linear in the differentiated inputs: a zero-weight coupling makes
-            # each part depend on the other (when only the probe, or only θ, is).
-            zero = jnp.zeros((), jnp.real(b).dtype)
+            # side is linear in the differentiated inputs: a never-taken `select`
+            # couples each part to the other (for when only the probe, or only θ, is
+            # differentiated). Unlike 0 * x, it transposes to an exact zero even when
+            # the other part's cotangent is NaN.
+            never = jnp.zeros((), bool)
+            zero_b = jnp.zeros((), b.dtype)
+            zero_p = jnp.zeros((), t_probe.dtype)
             rhs = (
-                b + (zero * jnp.sum(t_probe)).astype(b.dtype),
-                t_probe + (zero * jnp.sum(jnp.real(b))).astype(t_probe.dtype),
+                b + lax.select(never, jnp.sum(t_probe).astype(b.dtype), zero_b),
+                t_probe + lax.select(never, jnp.sum(jnp.real(b)).astype(zero_p.dtype), zero_p),
             )
         dz = lax.custom_linear_solve(
             matvec,
@@ -213,6 +217,9 @@ def _solve_implicit(dyn, z0, probe, *, flat_fn, solver, adjoint, tols, adjoint_t
         )
         if probe is not None:
             dz = dz[0]
+        # A non-finite solve has a NaN derivative too, in forward and reverse mode alike
+        # (a product with NaN transposes to NaN; a `where` would transpose to zero).
+        dz = dz * jnp.where(out[1] == Result.nonfinite, jnp.nan, 1).astype(dz.dtype)
         t_int = np.zeros(out[1].shape, jax.dtypes.float0)
         return out, (dz, t_int, np.zeros(out[2].shape, jax.dtypes.float0), jnp.zeros_like(out[3]))
 

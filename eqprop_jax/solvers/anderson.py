@@ -64,7 +64,10 @@ class Anderson(AbstractSolver):
         valid = jnp.arange(m, dtype=count.dtype) < jnp.minimum(count, m)
         # The m x m least squares runs in at least float32: XLA has no bfloat16 or
         # float16 LU, and a half-precision Gram matrix loses the small residuals.
-        wide = jnp.promote_types(z.dtype, jnp.float32)
+        if jnp.finfo(z.dtype).bits >= 32:
+            wide = z.dtype
+        else:
+            wide = jnp.complex64 if jnp.iscomplexobj(z) else jnp.float32
         res = jnp.where(valid[:, None], fzs - zs, 0).astype(wide)
         gram = jnp.conj(res) @ res.T
         diag = jnp.real(jnp.diagonal(gram))

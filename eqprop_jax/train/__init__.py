@@ -18,6 +18,7 @@ from .loop import (
     make_train_step,
 )
 from .optim import layer_indices, make_optimizer
+from .per_device import PerDevice
 from .progress import Progress
 from .sharding import batch_mesh, replicate, shard_batch
 
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "Interrupted",
     "NonFiniteLoss",
+    "PerDevice",
     "Progress",
     "TrainConfig",
     "TrainResult",
