@@ -34,9 +34,16 @@ class ResistiveEP(Estimator):
     ½ ΔV²) but needs no autodiff of the energy. The SGD step is Δg = −η ĝ, followed
     by `model.project()` to keep g ≥ 0.
 
+    The −β phase of the centered and negative variants is a negative conductance at
+    each output; past the network's convexity bound
+    ([`eqprop_jax.models.ResistiveNetwork.max_negative_nudge`][]) the nudged power has
+    no minimum and `relax` refuses the nudge with an error naming the output node and
+    the bound (use a smaller β or the positive variant).
+
     `aux`: "state" (free equilibrium, batched), "predictions", "stats" and "result"
-    of the free phase, "nudged_result" and "nudged_stats" of the nudged phases run
-    (batch, P), P = 1 one-sided, 2 centered; see [`eqprop_jax.estimators.Estimator`][].
+    of the free phase; "nudged_stats" and "nudged_result" of the phases that were
+    relaxed (axes: batch, then phase: (−β, β) centered, the one nudge otherwise); see
+    [`eqprop_jax.estimators.Estimator`][].
     """
 
     beta: float = 1.0
@@ -61,28 +68,35 @@ class ResistiveEP(Estimator):
             raise TypeError(f"ResistiveEP: needs a ResistiveNetwork, got {type(model).__name__}.")
         y = check_batch("ResistiveEP", model, x, y)
         lo, hi = _NUDGES[self.variant]
-        dtype = model.init_state(x[0])[0].dtype
-        beta = checked_beta("ResistiveEP", self.beta, positive=True)
-        b1, b2 = (jnp.asarray(c * beta, dtype) for c in (lo, hi))
+        if isinstance(self.beta, jax.core.Tracer):
+            dtype = model.init_state(x[0])[0].dtype
+            beta = checked_beta("ResistiveEP", self.beta, positive=True)
+            b1, b2 = (jnp.asarray(c * beta, dtype) for c in (lo, hi))
+        else:
+            # A concrete β lets `relax` skip the convexity check of a positive nudge.
+            b1, b2 = (c * float(self.beta) for c in (lo, hi))
+        params = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+        if lo < 0 and not any(isinstance(a, jax.core.Tracer) for a in (b1, *params)):
+            # Refuse a non-convex −β phase before any solve runs (`relax` checks again,
+            # and under `jit` it is the only check).
+            model.check_nudge(x, b1)
         free_solver = Picard(tol=0.0, max_steps=self.free_steps)
         nudged_solver = Picard(tol=0.0, max_steps=self.nudged_steps)
 
         def per_example(xi, yi):
             free = model.relax(xi, yi, 0.0, solver=free_solver)
             s0 = jax.lax.stop_gradient(free.value)
+            phases = {
+                c: model.relax(xi, yi, b, s0, solver=nudged_solver)
+                for c, b in ((lo, b1), (hi, b2))
+                if c != 0.0
+            }
+            s1, s2 = (phases[c].value if c in phases else s0 for c in (lo, hi))
+            nudged = stack_phases(*phases.values())
+            return free, nudged, local_ep_gradient(model, xi, s1, s2, b1, b2)
 
-            def nudged(c, b):
-                if c == 0.0:
-                    return None
-                return model.relax(xi, yi, b, s0, solver=nudged_solver)
-
-            p1, p2 = nudged(lo, b1), nudged(hi, b2)
-            s1, s2 = (s0 if p is None else p.value for p in (p1, p2))
-            run = stack_phases(*(p for p in (p1, p2) if p is not None))
-            return free, run, local_ep_gradient(model, xi, s1, s2, b1, b2)
-
-        free, nudged_phases, grads = jax.vmap(per_example)(x, y)
+        free, nudged, grads = jax.vmap(per_example)(x, y)
         grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        loss, aux = free_phase_summary(model, free, y, nudged_phases)
+        loss, aux = free_phase_summary(model, free, y, nudged)
         loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux
