@@ -29,6 +29,7 @@ def _conv():
 
 
 def _resistive():
+    # max_negative_nudge() = 0.46: centered EP at β = 0.2 stays convex
     return ResistiveNetwork((4, 3, 2), key=KEY, input_gain=2.0, dtype=jnp.float64)
 
 
@@ -69,7 +70,7 @@ CASES = {
         (4,),
         2,
     ),
-    "resistive-ep": (lambda: ResistiveEP(0.5, free_steps=3, nudged_steps=3), _resistive, (4,), 2),
+    "resistive-ep": (lambda: ResistiveEP(0.2, free_steps=3, nudged_steps=3), _resistive, (4,), 2),
     "dtp": (lambda: eqp.DTP(), lambda: LayeredNet.mlp([4, 5, 3], key=KEY), (4,), None),
     "backprop": (lambda: Backprop(), lambda: LayeredNet.mlp([4, 5, 3], key=KEY), (4,), None),
 }
