@@ -162,7 +162,7 @@ def test_unknown_dataset_and_unreachable_tfds(tmp_path):
     # A tfds data_dir without a prepared copy (and no network): the error names --data-dir.
     tfds_dir = tmp_path / "tfds"
     (tfds_dir / "downloads").mkdir(parents=True)
-    with pytest.raises(DataError, match="could not reach 'fashion_mnist'.*--data-dir"):
+    with pytest.raises(DataError, match="could not reach 'fashion_mnist'.*`data_dir`"):
         load_dataset("fashion_mnist", data_dir=tfds_dir)
 
 

@@ -150,7 +150,7 @@ def test_signal_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path):
         if line.startswith("epoch   1/"):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while epoch 2 starts
 
-    with pytest.raises(Interrupted, match="SIGTERM.*--resume") as e:
+    with pytest.raises(Interrupted, match="SIGTERM.*`resume=True`") as e:
         fit(small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "b", log=log)
     assert e.value.signum == signal.SIGTERM
     info = read_info(tmp_path / "b" / "checkpoint.npz")
