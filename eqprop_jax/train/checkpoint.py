@@ -285,11 +285,14 @@ class Checkpointer:
     def refuse_overwrite(self) -> None:
         """A new run must not replace another run's checkpoint."""
         if self.exists():
-            info = read_info(self.path)
+            try:
+                info = read_info(self.path)
+                what = f"a checkpoint (epoch {info.get('epoch')}, step {info.get('step')})"
+            except CheckpointError as e:
+                what = f"a checkpoint that cannot be read ({e})"
             raise TrainingError(
-                f"{self.folder} already holds a checkpoint (epoch {info.get('epoch')}, step "
-                f"{info.get('step')}); pass `resume=True` to continue that run, or choose "
-                "another `out_dir`. Nothing was overwritten."
+                f"{self.folder} already holds {what}; pass `resume=True` to continue that "
+                "run, or choose another `out_dir`. Nothing was overwritten."
             )
 
     def save(self, state: PyTree, info: dict) -> None:

@@ -324,6 +324,7 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
     opt_state = (tx(params) if isinstance(tx, OptimizerSettings) else tx).init(params)
     # The step donates its buffers: work on copies so the caller's model stays usable.
     model = jtu.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
+    state = TrainState.start(model, opt_state)
     mesh = None
     if cfg.shard and len(jax.local_devices()) > 1:
         mesh = batch_mesh()
@@ -332,8 +333,13 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
                 f"batch size {cfg.batch_size} is not divisible by the {mesh.devices.size} "
                 "local devices; change it or train on one device (`shard=False`)."
             )
-        model, opt_state = replicate((model, opt_state), mesh)
-    fingerprint, description = model_fingerprint(model)
+        state.place(lambda tree: replicate(tree, mesh))
+    else:
+        # Committed to one device from the first step on, so that every step (and a
+        # resumed run's) sees the same placement and reuses one compilation.
+        device = jax.devices()[0]
+        state.place(lambda tree: jax.device_put(tree, device))
+    fingerprint, description = model_fingerprint(state.model)
     # A batch sharded by jit would get its compacted buckets replicated on every
     # device: step it in lockstep instead (see eqprop_jax.batch_compaction).
     step = make_train_step(
@@ -345,7 +351,7 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
     )
     keys = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     run = _Run(cfg, data, x_test, y_test, spe, *keys, step, mesh, fingerprint, description, log)
-    return run, TrainState.start(model, opt_state)
+    return run, state
 
 
 def _check_model(model, data: Dataset, cfg: TrainConfig) -> None:
@@ -414,7 +420,7 @@ def fit(
                     "batch_size": config.batch_size,
                 },
             )
-            state = TrainState.restored(*arrays, info)
+            state.restore(*arrays, info)
             history = metrics.read(upto_epoch=state.epoch)
             log(f"resuming from {ckpt.path}: epoch {state.epoch}, step {state.step}")
         else:

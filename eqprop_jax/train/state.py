@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,23 +53,25 @@ class TrainState:
             "phase_counts": [int(c) for c in jax.device_get(self.phase_counts)],
         }
 
-    @classmethod
-    def restored(cls, model, opt_state, info: dict) -> TrainState:
-        counts = info.get("phase_counts") or [0] * N_STATUSES
-        return cls(
-            model,
-            opt_state,
-            jnp.asarray(np.asarray(counts, np.int32)),
-            epoch=int(info["epoch"]),
-            position=int(info["position"]),
-            step=int(info["step"]),
-            loss_sum=float(info["loss_sum"]),
+    def place(self, put: Callable[[PyTree], PyTree]) -> None:
+        """Put the device arrays where the steps run (`put` maps a pytree of arrays)."""
+        arrays, static = eqx.partition(
+            (self.model, self.opt_state, self.phase_counts), eqx.is_array
         )
+        self.model, self.opt_state, self.phase_counts = eqx.combine(put(arrays), static)
+
+    def restore(self, model, opt_state, info: dict) -> None:
+        """Take the arrays and counters of a checkpoint (arrays already placed)."""
+        counts = np.asarray(info.get("phase_counts") or [0] * N_STATUSES, np.int32)
+        self.model, self.opt_state = model, opt_state
+        self.phase_counts = jax.device_put(counts, self.phase_counts.sharding)
+        self.epoch, self.position = int(info["epoch"]), int(info["position"])
+        self.step, self.loss_sum = int(info["step"]), float(info["loss_sum"])
 
     def take_epoch_counts(self) -> np.ndarray:
         """This epoch's phase counts, brought to the host, and a fresh zero count."""
         counts = np.asarray(jax.device_get(self.phase_counts))
-        self.phase_counts = jnp.zeros(N_STATUSES, jnp.int32)
+        self.phase_counts = jnp.zeros_like(self.phase_counts)  # on the same device(s)
         return counts
 
     def next_epoch(self) -> None:
