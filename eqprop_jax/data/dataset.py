@@ -131,7 +131,7 @@ def _labels(name: str, split: str, y, num_classes: int) -> np.ndarray:
         if bad.size:
             raise DataError(
                 f"{name}: {split} labels must be integer class indices, but label {bad[0]} is "
-                f"{y[bad[0]]!r}."
+                f"{y[bad[0]].item()!r}."
             )
     elif not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{name}: {split} labels must be integers, got dtype {y.dtype}.")
@@ -139,7 +139,7 @@ def _labels(name: str, split: str, y, num_classes: int) -> np.ndarray:
     if bad.size:
         raise DataError(
             f"{name}: {split} labels must lie in [0, {num_classes}), but label {bad[0]} is "
-            f"{y[bad[0]]!r} ({bad.size} out of range)."
+            f"{y[bad[0]].item()!r} ({bad.size} out of range)."
         )
     return y.astype(np.int32, copy=False)
 

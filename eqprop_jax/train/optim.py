@@ -51,7 +51,9 @@ SCHEDULES = ("constant", "cosine")
 
 
 def _rate(v, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
+    if isinstance(v, bool | str | bytes):
+        raise ValueError(f"{where} must be a number, got {v!r}.")
+    if not isinstance(v, int | float):
         try:
             v = float(v)  # NumPy and JAX scalars
         except (TypeError, ValueError):
