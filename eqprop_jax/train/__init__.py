@@ -19,13 +19,15 @@ from .errors import (
     TrainingError,
     TrainingWarning,
 )
-from .loop import TrainResult, evaluate, fit, make_train_step
+from .evaluate import evaluate
+from .loop import TrainResult, fit
 from .metrics import MetricsWriter, plot_curves
 from .optim import OptimizerSettings, layer_indices, make_optimizer
 from .progress import Progress
 from .sharding import batch_mesh, replicate, shard_batch
 from .state import TrainState
 from .statuses import count_statuses, phase_statuses, status_fractions
+from .step import make_train_step
 
 __all__ = [
     "CheckpointError",

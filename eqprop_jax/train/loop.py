@@ -19,9 +19,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, PyTree
 
-from .._ragged import batch_compaction
 from ..data import Dataset
-from ..data.batching import batch_indices, epoch_order, random_crop_flip, steps_per_epoch
+from ..data.batching import batch_indices, epoch_order, steps_per_epoch
 from .checkpoint import CHECKPOINT, Checkpointer, model_fingerprint
 from .config import TrainConfig
 from .errors import (
@@ -34,12 +33,14 @@ from .errors import (
     TrainingError,
     TrainingWarning,
 )
+from .evaluate import evaluate
 from .metrics import METRICS, MetricsWriter
 from .optim import OptimizerSettings
 from .progress import Progress
 from .sharding import batch_mesh, replicate, shard_batch
 from .state import TrainState
-from .statuses import count_statuses, status_fractions
+from .statuses import status_fractions
+from .step import REFUSED, make_train_step
 
 __all__ = [
     "CHECKPOINT",
@@ -64,193 +65,6 @@ class TrainResult:
     opt_state: PyTree
     history: list[dict]
     summary: str
-
-
-# Why a step was refused (0: accepted).
-_REFUSED = {
-    1: "non-finite loss",
-    2: "non-finite gradient",
-    3: "an update that makes the parameters or the optimiser state non-finite",
-}
-
-
-def _all_finite(tree) -> Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _project(model):
-    """Keep a model in its admissible set after an update (e.g. conductances >= 0)."""
-    for name in ("project", "clip_conductances"):
-        fn = getattr(model, name, None)
-        if callable(fn):
-            return fn()
-    return model
-
-
-def _fill_missing(grads: PyTree, params: PyTree) -> PyTree:
-    """Zeros where an estimator returns no gradient for a trainable array."""
-    return jtu.tree_map(
-        lambda p, g: g if p is None or g is not None else jnp.zeros_like(p),
-        params,
-        grads,
-        is_leaf=lambda x: x is None,
-    )
-
-
-class _StepSpec(eqx.Module):
-    """What a training step closes over; hashable, so equal specs share one compilation."""
-
-    estimator: Any
-    tx: Any = eqx.field(static=True)  # OptimizerSettings (hashed by value) or optax's
-    augment: bool = eqx.field(static=True)
-    channels_first: bool = eqx.field(static=True)
-    compaction: bool = eqx.field(static=True, default=True)
-
-
-@eqx.filter_jit(donate="all-except-first")
-def _train_step(spec: _StepSpec, model, opt_state, counts, x, y, key):
-    with batch_compaction(spec.compaction):  # static, so part of the jit cache key
-        return _train_step_body(spec, model, opt_state, counts, x, y, key)
-
-
-def _train_step_body(spec: _StepSpec, model, opt_state, counts, x, y, key):
-    estimator = spec.estimator
-    k_aug, k_pre, k_est = jax.random.split(key, 3)
-    if spec.augment:
-        x = random_crop_flip(k_aug, x, channels_first=spec.channels_first)
-    new = estimator.pre_step(model, x, y, key=k_pre)
-    loss, grads, aux = estimator(new, x, y, key=k_est)
-    counts = counts + count_statuses(aux)
-    params = eqx.filter(new, eqx.is_inexact_array)
-    grads = _fill_missing(grads, params)
-    tx = spec.tx(params) if isinstance(spec.tx, OptimizerSettings) else spec.tx
-    updates, new_opt = tx.update(grads, opt_state, params)
-    candidate = _project(eqx.apply_updates(new, updates))
-    # The state after the update is checked, not only the one before: an update that
-    # overflows is refused like a NaN loss.
-    flag = jnp.select(
-        [
-            ~jnp.isfinite(loss),
-            ~_all_finite(grads),
-            ~(_all_finite(candidate) & _all_finite(new_opt)),
-        ],
-        [1, 2, 3],
-        0,
-    )
-    keep = lambda a, b: jnp.where(flag == 0, a, b) if eqx.is_array(a) else a
-    model = jtu.tree_map(keep, candidate, model)
-    opt_state = jtu.tree_map(keep, new_opt, opt_state)
-    return model, opt_state, counts, loss, flag
-
-
-def make_train_step(
-    estimator,
-    tx: optax.GradientTransformation | OptimizerSettings,
-    *,
-    augment: bool = False,
-    channels_first: bool = False,
-    compaction: bool = True,
-) -> Callable:
-    """`model, opt_state, counts, loss, flag = step(model, opt_state, counts, x, y, key)`,
-    jitted once.
-
-    One step: the estimator's `pre_step` (e.g. DTP's feedback training), the
-    gradient estimate, the optax update, then projection onto the model's admissible
-    set. `counts` (int32, shape (4,)) adds up how the estimator's relaxation phases
-    ended (converged, max_steps, diverged, nonfinite; see
-    [`eqprop_jax.train.statuses.count_statuses`][]) without leaving the device.
-    `flag` is 0 when the step was applied; 1, 2 or 3 when the loss, a gradient, or
-    the updated parameters or optimiser state were NaN/inf: then the old model and
-    optimiser state come back unchanged. The model, optimiser state, counts and
-    batch are donated (the caller must not reuse them). `compaction=False` steps
-    vmapped solves in lockstep (see [`eqprop_jax.batch_compaction`][]): what a batch
-    sharded over several devices needs.
-    """
-    spec = _StepSpec(estimator, tx, augment, channels_first, compaction)
-    return lambda model, opt_state, counts, x, y, key: _train_step(
-        spec, model, opt_state, counts, x, y, key
-    )
-
-
-def _predict_one(model, x, y, solver):
-    """Class scores and loss of one example at the model's free equilibrium."""
-    relax = getattr(model, "relax", None)
-    if relax is None:
-        logits = model(x)
-        logp = jax.nn.log_softmax(logits)
-        return logits, -logp[y]
-    sol = relax(x, y, 0.0) if solver is None else relax(x, y, 0.0, solver=solver)
-    return model.predict(sol.value), model.loss(sol.value, y)
-
-
-def _eval_counts(model, x, y, mask, solver):
-    logits, loss = jax.vmap(_predict_one, in_axes=(None, 0, 0, None))(model, x, y, solver)
-    logits, loss = jnp.real(logits), jnp.real(loss)
-    finite = jnp.all(jnp.isfinite(logits), axis=-1) & jnp.isfinite(loss)
-    # A non-finite prediction is never counted as correct (argmax of NaN is 0).
-    correct = (jnp.argmax(logits, axis=-1) == y) & finite & mask
-    nonfinite = ~finite & mask
-    return jnp.sum(correct), jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(nonfinite)
-
-
-@eqx.filter_jit
-def _eval_batch(model, x, y, mask, solver, compaction: bool):
-    with batch_compaction(compaction):  # a Python bool: static, in the cache key
-        return _eval_counts(model, x, y, mask, solver)
-
-
-def evaluate(
-    model: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    batch_size: int = 500,
-    solver: Any = None,
-    mesh=None,
-    progress: bool | None = None,
-) -> dict[str, float]:
-    """Accuracy, mean loss and the fraction of non-finite predictions over (x, y),
-    each example relaxed by the model itself (`model.relax(x, y, beta=0)` then
-    `predict`; plain `model(x)` for feedforward nets).
-
-    Batches have one static shape (the last one is padded and masked), so this
-    compiles once. A non-finite prediction counts as wrong and makes the loss NaN.
-    """
-    n = len(x)
-    if n == 0 or len(y) != n:
-        raise ValueError(
-            f"evaluate needs as many labels as examples, at least one; got {n} "
-            f"examples and {len(y)} labels."
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}.")
-    if mesh is not None:
-        d = mesh.devices.size
-        batch_size = max(d, batch_size // d * d)
-    batch_size = min(batch_size, n) if mesh is None else batch_size
-    correct, total_loss, nonfinite = 0, 0.0, 0
-    bar = Progress(math.ceil(n / batch_size), "eval", enabled=progress)
-    for start in range(0, n, batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        m = len(xb)
-        mask = np.arange(batch_size) < m
-        if m < batch_size:
-            xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - m, 0)])
-            yb = np.concatenate([yb, np.repeat(yb[:1], batch_size - m, 0)])
-        batch = (jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(mask))
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
-        # A sharded batch is stepped in lockstep: see eqprop_jax.batch_compaction.
-        c, s, bad = jax.device_get(_eval_batch(model, *batch, solver, mesh is None))
-        correct += int(c)
-        total_loss += float(s)
-        nonfinite += int(bad)
-        bar.update()
-    bar.close()
-    return {"accuracy": correct / n, "loss": total_loss / n, "nonfinite": nonfinite / n}
 
 
 class _SignalFlag:
@@ -464,7 +278,7 @@ def _train_epoch(run: _Run, state: TrainState, ckpt: Checkpointer, signals: _Sig
         if flag:
             bar.close()
             raise NonFiniteLoss(
-                f"{_REFUSED[int(flag)]} (loss = {float(loss)}) at epoch {state.epoch + 1}, step "
+                f"{REFUSED[int(flag)]} (loss = {float(loss)}) at epoch {state.epoch + 1}, step "
                 f"{state.step + 1}: the update was not applied; training stopped and "
                 f"{ckpt.last_good()}. Lower the learning rate or β, or check the data."
             )

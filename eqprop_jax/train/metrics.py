@@ -34,7 +34,7 @@ class MetricsWriter:
         self.folder = None if folder is None else Path(folder).expanduser()
         self.log = log
         self.plot_every = plot_every
-        self._plotted = -math.inf
+        self._plotted = time.monotonic()  # the first drawing waits `plot_every` too
         self._no_matplotlib = False
 
     @property
@@ -117,6 +117,9 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
     marker = "o-" if len(rows) < 40 else "-"
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker, label="train")
     ax_loss.plot(epochs, [r["test_loss"] for r in rows], marker, label="test")
+    losses = [r[k] for r in rows for k in ("train_loss", "test_loss")]
+    if all(math.isfinite(v) and v > 0 for v in losses):
+        ax_loss.set_yscale("log")
     ax_loss.set_title("loss")
     ax_loss.legend(fontsize=8)
     ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in rows], marker, color="C2")
