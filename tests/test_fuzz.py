@@ -275,6 +275,76 @@ def test_bad_settings_are_value_errors_naming_the_field(field, value):
         TrainConfig(**{"epochs": 10, field: value})
 
 
+# -- fit -------------------------------------------------------------------------------
+
+
+def _fit_inputs():
+    import equinox as eqx
+    import jax
+    import optax
+
+    from eqprop_jax.data import load_digits
+    from eqprop_jax.estimators import EquilibriumProp
+    from eqprop_jax.models.hopfield import HopfieldMLP
+
+    data = load_digits().flat().subset(train=40, test=20)
+    model = HopfieldMLP((64, 8, 10), key=jax.random.PRNGKey(0))
+    est = EquilibriumProp(beta=0.2, free_steps=3, nudged_steps=2)
+    cfg = TrainConfig(epochs=1, batch_size=8)
+    nan = eqx.tree_at(lambda m: m.weights[0], model, model.weights[0].at[1, 2].set(jnp.nan))
+    inf = eqx.tree_at(lambda m: m.biases[0], model, model.biases[0].at[0].set(-jnp.inf))
+    small = HopfieldMLP((64, 8, 6), key=jax.random.PRNGKey(0))
+    return (
+        data,
+        model,
+        est,
+        cfg,
+        {
+            "data_none": (dict(data=None), TypeError, "data must be"),
+            "data_tuple": (dict(data=(data.x_train, data.y_train)), TypeError, "data must be"),
+            "config_str": (dict(config="fast"), TypeError, "config must be a TrainConfig"),
+            "config_dict": (dict(config={"epochs": 1}), TypeError, "config must be a TrainConfig"),
+            "optimizer_str": (dict(optimizer="adam"), TypeError, "optax.GradientTransformation"),
+            "optimizer_twice": (
+                dict(optimizer=optax.sgd(0.1), config=TrainConfig(epochs=1, batch_size=8, lr=0.2)),
+                ValueError,
+                "not both",
+            ),
+            "estimator_none": (dict(estimator=None), TypeError, "estimator must be"),
+            "estimator_fn": (dict(estimator=lambda m, x, y: 0), TypeError, "estimator must be"),
+            "model_nan": (dict(model=nan), ValueError, r"weights\[0\] holds NaN"),
+            "model_inf": (dict(model=inf), ValueError, r"biases\[0\] holds NaN or inf"),
+            "model_too_few_outputs": (
+                dict(model=small),
+                ValueError,
+                "10 classes but the model has 6",
+            ),
+            "batch_too_big": (dict(config=TrainConfig(batch_size=64)), ValueError, "larger than"),
+            "out_dev_null": (dict(out_dir="/dev/null"), Exception, "output folder"),
+            "out_below_file": (dict(out_dir="/dev/null/run"), Exception, "output folder"),
+            "out_nul_byte": (dict(out_dir="runs/a\0b"), Exception, "output folder"),
+            "out_proc": (dict(out_dir="/proc/eqprop-fuzz"), Exception, "output folder"),
+        },
+    )
+
+
+FIT_CASES = sorted(_fit_inputs()[4])
+
+
+@pytest.mark.parametrize("case", FIT_CASES)
+def test_bad_fit_inputs_are_refused_before_training(case):
+    from eqprop_jax.train import OutputError, fit
+
+    data, model, est, cfg, cases = _fit_inputs()
+    kw, error, msg = cases[case]
+    args = dict(model=model, estimator=est, data=data, config=cfg) | kw
+    with pytest.raises(error, match=msg) as e:
+        fit(args.pop("model"), args.pop("estimator"), args.pop("data"), args.pop("config"),
+            log=str, **args)  # fmt: skip
+    if error is Exception:
+        assert isinstance(e.value, OutputError)
+
+
 # -- command line ---------------------------------------------------------------------------
 
 INT_FLAGS = {
@@ -283,7 +353,7 @@ INT_FLAGS = {
     "align": ["--batch-size", "--seed", "--train-limit"],
 }  # fmt: skip
 BAD_INTS = ["-1", "1.5", "abc", "", "nan", "1e3", "0x10", "0"]
-BAD_FLOATS = ["nan", "inf", "-inf", "0", "-0.5", "1e39", "abc", "", "1e400"]
+BAD_FLOATS = ["nan", "inf", "-inf", "0", "-0.5", "1e30", "1e39", "abc", "", "1e400"]
 FLAG_CASES = (
     [
         (cmd, flag, v)
@@ -384,5 +454,5 @@ def test_bad_choices_exit_1_with_one_message(capsys, tmp_path, argv, text):
 
 def test_the_suite_tries_more_than_200_inputs():
     generated = 60 + 20 + 60 + 30 + 12 + 40  # hypothesis max_examples above
-    parametrized = len(SETTING_CASES) + len(FLAG_CASES) + 2 * len(DATA_DIRS) + 12
+    parametrized = len(SETTING_CASES) + len(FIT_CASES) + len(FLAG_CASES) + 2 * len(DATA_DIRS) + 12
     assert generated + parametrized >= 200

@@ -184,6 +184,8 @@ def load_checkpoint(
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Refuse, before any work is done, an output folder that cannot be created or
     written, or that another run holds. Nothing is created on disk."""
+    if "\0" in str(folder):
+        raise OutputError(f"output folder {str(folder)!r} has a NUL character in its name.")
     try:
         folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
@@ -222,7 +224,7 @@ class _RunLock:
             return self
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        except BlockingIOError as e:
             self.file.seek(0)
             owner = self.file.read().strip() or "?"
             self.file.close()
@@ -231,6 +233,8 @@ class _RunLock:
                 f"another run (process {owner}) is writing to {self.path.parent}; wait for it "
                 "to end or choose another `out_dir`. Nothing was written."
             ) from e
+        except OSError:  # a file system without locks (some network mounts): unlocked
+            pass
         return self
 
     def claim(self) -> None:
@@ -266,10 +270,9 @@ class Checkpointer:
             check_output_folder(self.folder)
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OutputError(
-                    f"cannot create output folder {self.folder}: {e.strerror}."
-                ) from e
+            except (OSError, ValueError) as e:
+                why = getattr(e, "strerror", None) or str(e)
+                raise OutputError(f"cannot create output folder {self.folder}: {why}.") from e
             self._lock = _RunLock(self.folder).acquire()
             self._lock.claim()
         return self

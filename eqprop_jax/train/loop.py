@@ -151,7 +151,7 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
     else:
         # Committed to one device from the first step on, so that every step (and a
         # resumed run's) sees the same placement and reuses one compilation.
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]
         state.place(lambda tree: jax.device_put(tree, device))
     fingerprint, description = model_fingerprint(state.model)
     # A batch sharded by jit would get its compacted buckets replicated on every
