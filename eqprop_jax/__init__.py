@@ -1,15 +1,20 @@
 """eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
 
+from importlib import metadata as _metadata
+
 from . import data, train  # the submodules eqp.data and eqp.train
+from ._checks import default_tol
 from ._ragged import batch_compaction, ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import (
     AbstractAdjoint,
+    AbstractLinearAdjoint,
     AdjointStats,
     AlmeidaPineda,
     Implicit,
     Neumann,
     Unrolled,
+    adjoint_probe,
 )
 from .diagnostics import gradient_alignment
 from .estimators import (
@@ -25,12 +30,18 @@ from .fixed_point import fixed_point
 from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("eqprop_jax")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "data",
     "train",
     "AbstractAdjoint",
+    "AbstractLinearAdjoint",
+    "adjoint_probe",
+    "default_tol",
     "AbstractSolver",
     "AdjointStats",
     "AlmeidaPineda",

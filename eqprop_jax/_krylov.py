@@ -24,7 +24,7 @@ def _dot(a, b):
     return jnp.sum(jnp.conj(a) * b)
 
 
-def _norm(x):
+def norm(x):
     return jnp.sqrt(jnp.sum(jnp.abs(x) ** 2))
 
 
@@ -39,17 +39,17 @@ def bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int = 4)
     breakdown (ρ = 0 or ω = 0) stops the iteration; the caller's residual check
     reports it.
     """
-    bnorm = _norm(b)
+    bnorm = norm(b)
     stop = tol * bnorm
     one = jnp.ones((), b.dtype)
     zero = jnp.zeros_like(b)
     u = jax.random.normal(jax.random.key(0), b.shape, jnp.real(b).dtype)
-    shadow = b + (bnorm / jnp.maximum(_norm(u), 1)) * u.astype(b.dtype)
+    shadow = b + (bnorm / jnp.maximum(norm(u), 1)) * u.astype(b.dtype)
 
     def cond(c):
         _, r, _, _, rho, _, omega, k = c
         ok = (rho != 0) & (omega != 0) & jnp.all(jnp.isfinite(r))
-        return (k < max_steps) & (_norm(r) > stop) & ok
+        return (k < max_steps) & (norm(r) > stop) & ok
 
     def body(c):
         x, r, p, v, rho, alpha, omega, k = c
@@ -61,7 +61,7 @@ def bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int = 4)
         s = r - alpha * v
         t = op(s)
         omega = _dot(t, s) / _dot(t, t)
-        done = _norm(s) <= stop  # converged at the half step: skip the ω update
+        done = norm(s) <= stop  # converged at the half step: skip the ω update
         x = x + alpha * p + jnp.where(done, 0, omega) * s
         r = jnp.where(done, s, s - omega * t)
         omega = jnp.where(done, one, omega)
@@ -96,10 +96,10 @@ def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buc
     n = b.shape[0]
     m = min(restart, n)
     dtype = b.dtype
-    stop = tol * _norm(b)
+    stop = tol * norm(b)
 
     def cycle(x, r):
-        beta = _norm(r)
+        beta = norm(r)
         basis = jnp.zeros((m + 1, n), dtype).at[0].set(r / jnp.where(beta > 0, beta, 1))
         g = jnp.zeros(m + 1, dtype).at[0].set(beta)
         R = jnp.zeros((m, m), dtype)
@@ -118,7 +118,7 @@ def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buc
             h2 = jnp.conj(basis) @ w
             w = w - basis.T @ h2
             h = h + h2
-            hn = _norm(w)
+            hn = norm(w)
             basis = basis.at[j + 1].set(w / jnp.where(hn > 0, hn, 1))
 
             def rotate(i, h):
@@ -147,7 +147,7 @@ def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buc
 
     def cond(c):
         _, r, cycles, _ = c
-        return (cycles < max_restarts) & (_norm(r) > stop) & jnp.all(jnp.isfinite(r))
+        return (cycles < max_restarts) & (norm(r) > stop) & jnp.all(jnp.isfinite(r))
 
     def body(c):
         x, r, cycles, steps = c

@@ -15,10 +15,11 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
+from ._checks import default_tol
 from ._ragged import ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import AbstractAdjoint, Implicit, Unrolled
-from .solvers.base import AbstractSolver, scaled_residual
+from .solvers.base import AbstractSolver, residuals
 from .solvers.picard import Picard
 
 _RUNNING = -1
@@ -79,22 +80,54 @@ def _validate(f, z0, args, solver, adjoint):
             )
 
 
-def _iterate(solver: AbstractSolver, fn: Callable[[Array], Array], z0: Array, kind: str):
-    """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual)."""
-    atol, rtol = solver.atol_rtol
+def _check_probe(probe):
+    if not eqx.is_array(probe) or jnp.shape(probe) != (3,):
+        raise ValueError(
+            "fixed_point: `probe` must be an array of shape (3,) (eqprop_jax.adjoint_probe()), "
+            f"got {type(probe).__name__} of shape {jnp.shape(probe)}."
+        )
+    if not jnp.issubdtype(probe.dtype, jnp.floating):
+        raise TypeError(f"fixed_point: `probe` must be a real floating array, got {probe.dtype}.")
+    return probe
+
+
+def _iterate(
+    solver: AbstractSolver,
+    fn: Callable[[Array], Array],
+    z0: Array,
+    kind: str,
+    tols: tuple[float, float],
+    min_steps: int = 0,
+):
+    """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual).
+
+    `tols` are the resolved (atol, rtol). `min_steps` forces that many updates before
+    any stopping test but the non-finite one (the unrolled adjoint needs one, so that
+    its gradient sees f even when z0 already meets the tolerance).
+    """
+    atol, rtol = tols
+    fixed = solver.fixed_steps
     fz0 = fn(z0)
-    res0 = scaled_residual(z0, fz0, atol, rtol)
+
+    def measure(z, fz):
+        scaled, absolute = residuals(z, fz, atol, rtol)
+        # Fixed-step solves report the unscaled residual: dividing by atol = 0 would
+        # overflow (a step of 5 read as inf) and stop the solve at step 0.
+        return (absolute if fixed else scaled), absolute
+
+    res0, abs0 = measure(z0, fz0)
     real = res0.dtype
 
-    def status(res, best, step):
+    def status(res, absolute, best, step):
+        done = absolute == 0 if fixed else res <= 1
         return jnp.where(
-            ~jnp.isfinite(res),
+            ~jnp.isfinite(absolute),
             Result.nonfinite,
             jnp.where(
-                res <= 1,
+                done & (step >= min_steps),
                 Result.converged,
                 jnp.where(
-                    res > solver.divergence * best,
+                    absolute > solver.divergence * best,
                     Result.diverged,
                     jnp.where(step >= solver.max_steps, Result.max_steps, _RUNNING),
                 ),
@@ -107,8 +140,8 @@ def _iterate(solver: AbstractSolver, fn: Callable[[Array], Array], z0: Array, ki
         solver.init(z0, fz0),
         jnp.array(0, jnp.int32),
         res0,
-        res0,
-        status(res0, res0, 0),
+        abs0,
+        status(res0, abs0, abs0, 0),
     )
 
     def cond(carry):
@@ -118,46 +151,93 @@ def _iterate(solver: AbstractSolver, fn: Callable[[Array], Array], z0: Array, ki
         z, fz, state, step, _, best, _ = carry
         z, state = solver.update(fn, z, fz, state)
         fz = fn(z)
-        res = scaled_residual(z, fz, atol, rtol)
+        res, absolute = measure(z, fz)
         step = step + 1
-        result = status(res, best, step)
-        return z, fz, state, step, res, jnp.minimum(best, res), result
+        result = status(res, absolute, best, step)
+        return z, fz, state, step, res, jnp.minimum(best, absolute), result
 
     if kind == "lax":
-        # tol = rtol = 0 means "run max_steps": no example finishes early, so
-        # compaction would only add compiled copies of the body.
-        fixed = all(isinstance(t, int | float) and t == 0 for t in (atol, rtol))
+        # A fixed-step solve stops no example early, so compaction would only add
+        # compiled copies of the body.
         buckets = 1 if fixed else solver.batch_buckets
         out = ragged_while_loop(cond, body, init, max_buckets=buckets)
     else:
         out = eqxi.while_loop(cond, body, init, max_steps=solver.max_steps, kind=kind)
     z, _, _, step, res, _, result = out
+    # A non-finite solve returns NaN, never a finite iterate that looks valid.
+    z = jnp.where(result == Result.nonfinite, jnp.nan, z).astype(z.dtype)
     return z, result, step, res.astype(real)
 
 
-def _solve_implicit(dyn, z0, *, flat_fn, solver, adjoint):
+def _solve_implicit(dyn, z0, probe, *, flat_fn, solver, adjoint, tols, adjoint_tol):
+    def linear(matvec, rhs, solve_fn):
+        # With a probe the system is augmented with a 3-vector slot, (A x, s) = (b, p),
+        # whose "solution" is the solve's statistics: they become the probe's
+        # cotangent under `jax.grad` (and its tangent's image under `jax.jvp`).
+        if probe is None:
+            return solve_fn(matvec, rhs, adjoint_tol)[0]
+        b, slot = rhs
+        x, stats = solve_fn(lambda v: matvec((v, jnp.zeros_like(slot)))[0], b, adjoint_tol)
+        return x, stats.astype(slot.dtype)
+
     @jax.custom_jvp
-    def solve(dyn, z0):
-        return _iterate(solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(z0), "lax")
+    def solve(dyn, z0, probe):
+        return _iterate(solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(z0), "lax", tols)
 
     @solve.defjvp
     def solve_jvp(primals, tangents):
-        dyn, z0 = primals
-        t_dyn, _ = tangents
-        out = solve(dyn, z0)
+        dyn, z0, probe_ = primals
+        t_dyn, _, t_probe = tangents
+        out = solve(dyn, z0, probe_)
         z = out[0]
         _, b = jax.jvp(lambda d: flat_fn(d, z), (dyn,), (t_dyn,))
         _, jac_z = jax.linearize(lambda zz: flat_fn(dyn, zz), z)
+        if probe is None:
+            matvec = lambda v: v - jac_z(v)
+            rhs = b
+        else:
+            matvec = lambda v: (v[0] - jac_z(v[0]), v[1])
+            # custom_linear_solve transposes only when every part of its right-hand
+            # side is linear in the differentiated inputs: a never-taken `select`
+            # couples each part to the other (for when only the probe, or only θ, is
+            # differentiated). Unlike 0 * x, it transposes to an exact zero even when
+            # the other part's cotangent is NaN.
+            never = jnp.zeros((), bool)
+            zero_b = jnp.zeros((), b.dtype)
+            zero_p = jnp.zeros((), t_probe.dtype)
+            rhs = (
+                b + lax.select(never, jnp.sum(t_probe).astype(b.dtype), zero_b),
+                t_probe + lax.select(never, jnp.sum(jnp.real(b)).astype(zero_p.dtype), zero_p),
+            )
         dz = lax.custom_linear_solve(
-            lambda v: v - jac_z(v),
-            b,
-            solve=adjoint.solve,
-            transpose_solve=adjoint.transpose_solve,
+            matvec,
+            rhs,
+            solve=lambda mv, r: linear(mv, r, adjoint.checked_solve),
+            transpose_solve=lambda mv, r: linear(mv, r, adjoint.checked_solve),
         )
+        if probe is not None:
+            dz = dz[0]
+        # A non-finite solve has a NaN derivative too, in forward and reverse mode alike
+        # (a product with NaN transposes to NaN; a `where` would transpose to zero).
+        dz = dz * jnp.where(out[1] == Result.nonfinite, jnp.nan, 1).astype(dz.dtype)
         t_int = np.zeros(out[1].shape, jax.dtypes.float0)
         return out, (dz, t_int, np.zeros(out[2].shape, jax.dtypes.float0), jnp.zeros_like(out[3]))
 
-    return solve(dyn, z0)
+    return solve(dyn, z0, probe)
+
+
+def _unrolled(dyn, flat0, *, flat_fn, solver, tols):
+    try:
+        return _iterate(solver, lambda z: flat_fn(dyn, z), flat0, "checkpointed", tols, 1)
+    except TypeError as e:
+        if "forward-mode" not in str(e) and "jvp" not in str(e):
+            raise
+        raise TypeError(
+            "fixed_point: forward-mode autodiff (jax.jvp, jax.jacfwd) is not supported "
+            "through adjoint=Unrolled(), which differentiates the loop in reverse mode "
+            "only. Use an implicit adjoint for forward mode: Implicit(), "
+            "AlmeidaPineda() or Neumann(k)."
+        ) from None
 
 
 def fixed_point(
@@ -168,6 +248,7 @@ def fixed_point(
     solver: AbstractSolver | None = None,
     adjoint: AbstractAdjoint | None = None,
     throw: bool = False,
+    probe: Array | None = None,
 ) -> Solution:
     r"""Solve z* = f(z*, args) and make the answer differentiable.
 
@@ -176,7 +257,8 @@ def fixed_point(
             of one dtype. It may close over arrays (e.g. an `eqx.Module`'s weights):
             they are differentiated like `args`.
         z0: the initial state. The solution does not depend on it, so it receives no
-            gradient.
+            gradient (except through [`eqprop_jax.Unrolled`][], which differentiates
+            the iterations that ran from it).
         args: anything else f needs; its floating arrays are differentiable.
         solver: [`eqprop_jax.Picard`][] (default), [`eqprop_jax.Anderson`][] or
             [`eqprop_jax.Broyden`][]; it fixes the stopping rule (see
@@ -187,6 +269,9 @@ def fixed_point(
         throw: raise at run time (through `eqx.error_if`) when the solve does not
             converge. By default the status is returned in `Solution.result` and the
             caller decides, which is what a jitted training step wants.
+        probe: an [`eqprop_jax.adjoint_probe`][]; differentiate with respect to it to
+            receive the backward (adjoint) solves' statistics as its cotangent,
+            without any host callback. Unused by [`eqprop_jax.Unrolled`][].
 
     Returns:
         A [`eqprop_jax.Solution`][] with `value`, `result` and `stats`.
@@ -204,7 +289,14 @@ def fixed_point(
     The derivative of z* follows the implicit function theorem,
     dz*/dθ = (I - ∂f/∂z)⁻¹ ∂f/∂θ, whatever solver found z*; the adjoint decides how
     that linear system is solved. Both `jax.jvp` and `jax.grad` work (except forward
-    mode through `Unrolled`).
+    mode through `Unrolled`). By default a failed backward solve gives NaN in the
+    affected example's derivative (see [`eqprop_jax.AbstractLinearAdjoint`][]).
+
+    Defaults are exact to the state's dtype and cost nothing under `jit`: the
+    solver's and the adjoint's tolerances follow the dtype
+    ([`eqprop_jax.default_tol`][]), the adjoint's follows the forward solve's, and no
+    host callback is compiled in unless asked for (`throw=True`,
+    `on_failure="warn"/"raise"`, or a `callback`).
     """
     solver = Picard() if solver is None else solver
     adjoint = Implicit() if adjoint is None else adjoint
@@ -215,13 +307,34 @@ def fixed_point(
     dyn, static = eqx.partition((fn, args), eqx.is_array)
 
     def flat_fn(dyn, zf):
+        # Under eager `jax.grad` a Python float in `args` reaches the custom_jvp rule
+        # as a plain float, which the closure-converted f would treat as static.
+        dyn = jtu.tree_map(jnp.asarray, dyn)
         fn_, args_ = eqx.combine(dyn, static)
         return ravel_pytree(fn_(unravel(zf), args_))[0]
 
+    tols = solver.tolerances(flat0.dtype)
     if isinstance(adjoint, Unrolled):
-        out = _iterate(solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(flat0), "checkpointed")
+        out = _unrolled(dyn, flat0, flat_fn=flat_fn, solver=solver, tols=tols)
     else:
-        out = _solve_implicit(dyn, flat0, flat_fn=flat_fn, solver=solver, adjoint=adjoint)
+        if adjoint.tol is not None:
+            adjoint_tol = adjoint.tol
+        elif solver.fixed_steps:  # no forward tolerance to follow
+            adjoint_tol = default_tol(flat0.dtype)
+        else:
+            adjoint_tol = tols[0]
+        if probe is not None:
+            probe = _check_probe(probe)
+        out = _solve_implicit(
+            dyn,
+            flat0,
+            probe,
+            flat_fn=flat_fn,
+            solver=solver,
+            adjoint=adjoint,
+            tols=tols,
+            adjoint_tol=adjoint_tol,
+        )
     z, result, steps, res = out
     if throw:
         z = eqx.branched_error_if(

@@ -28,7 +28,7 @@ class RecurrentBackprop(Estimator):
     """
 
     adjoint: AbstractAdjoint = Implicit()
-    solver: AbstractSolver = Picard(tol=1e-6, max_steps=1000)
+    solver: AbstractSolver = Picard(max_steps=1000)
 
     def __check_init__(self):
         if not isinstance(self.adjoint, AbstractAdjoint):

@@ -33,8 +33,15 @@ class ResistiveEP(Estimator):
     ½ ΔV²) but needs no autodiff of the energy. The SGD step is Δg = −η ĝ, followed
     by `model.project()` to keep g ≥ 0.
 
+    The −β phase of the centered and negative variants is a negative conductance at
+    each output; past the network's convexity bound
+    ([`eqprop_jax.models.ResistiveNetwork.max_negative_nudge`][]) the nudged power has
+    no minimum and `relax` refuses the nudge with an error naming the output node and
+    the bound (use a smaller β or the positive variant).
+
     `aux`: "state" (free equilibrium, batched), "predictions", "stats" and "result"
-    of the free phase.
+    of the free phase; "nudged_stats" and "nudged_result" of the phases that were
+    relaxed (axes: batch, then phase: (−β, β) centered, the one nudge otherwise).
     """
 
     beta: float = 1.0
@@ -63,24 +70,34 @@ class ResistiveEP(Estimator):
             raise TypeError(f"ResistiveEP: needs a ResistiveNetwork, got {type(model).__name__}.")
         check_batch("ResistiveEP", model, x, y)
         lo, hi = _NUDGES[self.variant]
-        dtype = model.init_state(x[0])[0].dtype
-        b1, b2 = (jnp.asarray(c * self.beta, dtype) for c in (lo, hi))
+        if isinstance(self.beta, jax.core.Tracer):
+            dtype = model.init_state(x[0])[0].dtype
+            b1, b2 = (jnp.asarray(c * self.beta, dtype) for c in (lo, hi))
+        else:
+            # A concrete β lets `relax` skip the convexity check of a positive nudge.
+            b1, b2 = (c * float(self.beta) for c in (lo, hi))
+        params = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+        if lo < 0 and not any(isinstance(a, jax.core.Tracer) for a in (b1, *params)):
+            # Refuse a non-convex −β phase before any solve runs (`relax` checks again,
+            # and under `jit` it is the only check).
+            model.check_nudge(x, b1)
         free_solver = Picard(tol=0.0, max_steps=self.free_steps)
         nudged_solver = Picard(tol=0.0, max_steps=self.nudged_steps)
 
         def per_example(xi, yi):
             free = model.relax(xi, yi, 0.0, solver=free_solver)
             s0 = jax.lax.stop_gradient(free.value)
+            phases = {
+                c: model.relax(xi, yi, b, s0, solver=nudged_solver)
+                for c, b in ((lo, b1), (hi, b2))
+                if c != 0.0
+            }
+            s1, s2 = (phases[c].value if c in phases else s0 for c in (lo, hi))
+            nudged = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *phases.values())
+            return free, nudged, local_ep_gradient(model, xi, s1, s2, b1, b2)
 
-            def nudged(c, b):
-                if c == 0.0:
-                    return s0
-                return model.relax(xi, yi, b, s0, solver=nudged_solver).value
-
-            s1, s2 = nudged(lo, b1), nudged(hi, b2)
-            return free, local_ep_gradient(model, xi, s1, s2, b1, b2)
-
-        free, grads = jax.vmap(per_example)(x, y)
+        free, nudged, grads = jax.vmap(per_example)(x, y)
         grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         loss, aux = free_phase_summary(model, free, y)
+        aux.update(nudged_stats=nudged.stats, nudged_result=nudged.result)
         return loss, grads, aux

@@ -6,7 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .base import AbstractSolver, FlatFn, _check_positive_int
+from .. import _checks
+from .base import AbstractSolver, FlatFn
 
 
 class _BroydenState(eqx.Module):
@@ -50,7 +51,7 @@ class Broyden(AbstractSolver):
 
     def __check_init__(self):
         super().__check_init__()
-        _check_positive_int("history", self.history)
+        _checks.positive_int("Broyden", "history", self.history)
 
     def init(self, z: Float[Array, " d"], fz: Float[Array, " d"]) -> _BroydenState:
         hist = jnp.zeros((self.history,) + z.shape, z.dtype)

@@ -23,6 +23,7 @@ from .evaluate import evaluate
 from .loop import TrainResult, fit
 from .metrics import MetricsWriter, plot_curves
 from .optim import OptimizerSettings, layer_indices, make_optimizer
+from .per_device import PerDevice
 from .progress import Progress
 from .sharding import batch_mesh, replicate, shard_batch
 from .state import TrainState
@@ -39,6 +40,7 @@ __all__ = [
     "NonFiniteWarning",
     "OptimizerSettings",
     "OutputError",
+    "PerDevice",
     "Progress",
     "TrainConfig",
     "TrainResult",
