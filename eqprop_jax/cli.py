@@ -131,6 +131,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps-per-epoch", type=positive, default=None, help=argparse.SUPPRESS)
     t.add_argument("--eval-limit", type=positive, default=None, help=argparse.SUPPRESS)
     t.add_argument("--x64", action="store_true", help=argparse.SUPPRESS)
+    d = t.add_argument_group(
+        "several processes (jax.distributed; start one command per process)"
+    )
+    d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    d.add_argument("--num-processes", type=positive, default=None)
+    d.add_argument("--process-id", type=_int_at_least(0), default=None)
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a cluster that JAX detects itself (SLURM, Open MPI, Kubernetes, ...)",
+    )
+    d.add_argument(
+        "--heartbeat-timeout",
+        type=positive,
+        default=100,
+        help="seconds before the others stop when a process dies (default 100)",
+    )
 
     a = sub.add_parser("align", help="gradient alignment of every estimator on one batch")
     data_args(a)
@@ -233,7 +250,22 @@ def _train(args) -> int:
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     from .presets import get_preset
-    from .train import Checkpointer, check_output_folder, fit
+    from .train import Checkpointer, check_output_folder, distributed, fit
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit) or args.distributed:
+        if args.distributed and any(v is not None for v in explicit):
+            raise ValueError(
+                "give either --distributed (cluster detection) or --coordinator, "
+                "--num-processes and --process-id, not both."
+            )
+        if not args.distributed and any(v is None for v in explicit):
+            raise ValueError(
+                "--coordinator, --num-processes and --process-id go together "
+                "(or use --distributed for JAX's cluster detection)."
+            )
+        distributed.initialize(*explicit, heartbeat_timeout=args.heartbeat_timeout)
+    say = print if distributed.is_primary() else (lambda *_: None)
 
     preset = get_preset(args.preset)
     estimator_name = args.estimator or preset.estimator
@@ -261,10 +293,11 @@ def _train(args) -> int:
     data = _in_layout(_dataset(args, preset), preset)
     key = jax.random.PRNGKey(args.seed)
     model = preset.model(jax.random.fold_in(key, 7), data.x_train.shape[1:], data.num_classes)
-    print(f"preset {preset.name}: {preset.summary}")
-    print(
+    say(f"preset {preset.name}: {preset.summary}")
+    say(
         f"training {type(model).__name__} with {estimator_name} on {data!r}; "
         f"{cfg.epochs} epochs of batch {cfg.batch_size}; outputs in {out}"
+        + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else "")
     )
     info = {
         "preset": preset.name,

@@ -174,9 +174,19 @@ def load_checkpoint(
                 f"checkpoint {path}: array {i} has shape {a.shape}, this run expects "
                 f"{ref_shape} (a different optimiser or model?)."
             )
-        new = jax.random.wrap_key_data(a) if is_key else jnp.asarray(a, ref.dtype)
-        if isinstance(ref, jax.Array) and not is_key:
-            new = jax.device_put(new, ref.sharding)
+        if is_key:
+            new = jax.random.wrap_key_data(a)
+        elif isinstance(ref, jax.Array) and not ref.is_fully_addressable:
+            # A multi-process run: every process reads the same file and fills its own
+            # devices' part of the global array.
+            host = np.asarray(a, ref.dtype)
+            new = jax.make_array_from_callback(
+                host.shape, ref.sharding, lambda i, host=host: host[i]
+            )
+        else:
+            new = jnp.asarray(a, ref.dtype)
+            if isinstance(ref, jax.Array):
+                new = jax.device_put(new, ref.sharding)
         restored.append(new)
     return eqx.combine(jtu.tree_unflatten(treedef, restored), static), meta
 

@@ -21,6 +21,7 @@ from jaxtyping import Array, PyTree
 
 from ..data import Dataset
 from ..data.batching import batch_indices, epoch_order, steps_per_epoch
+from . import distributed
 from .checkpoint import CHECKPOINT, Checkpointer, model_fingerprint
 from .config import TrainConfig
 from .errors import (
@@ -36,6 +37,7 @@ from .errors import (
 from .evaluate import evaluate
 from .metrics import METRICS, MetricsWriter
 from .optim import OptimizerSettings
+from .per_device import PerDevice
 from .progress import Progress
 from .sharding import batch_mesh, replicate, shard_batch
 from .state import TrainState
@@ -140,7 +142,15 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
     model = jtu.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
     state = TrainState.start(model, opt_state)
     mesh = None
-    if cfg.shard and len(jax.local_devices()) > 1:
+    if jax.process_count() > 1:  # several processes: one global batch over every device
+        mesh = distributed.global_mesh()
+        if cfg.batch_size % jax.device_count():
+            raise ValueError(
+                f"batch size {cfg.batch_size} is not divisible by the {jax.device_count()} "
+                f"devices of the {jax.process_count()} processes."
+            )
+        state.place(lambda tree: distributed.replicate_global(tree, mesh))
+    elif cfg.shard and len(jax.local_devices()) > 1:
         mesh = batch_mesh()
         if cfg.batch_size % mesh.devices.size:
             raise ValueError(
@@ -154,14 +164,14 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
         device = jax.local_devices()[0]
         state.place(lambda tree: jax.device_put(tree, device))
     fingerprint, description = model_fingerprint(state.model)
-    # A batch sharded by jit would get its compacted buckets replicated on every
-    # device: step it in lockstep instead (see eqprop_jax.batch_compaction).
+    # With the batch over several devices, each device runs the estimator on its own
+    # slice under shard_map, so its solves compact that slice (jit's GSPMD sharding
+    # alone would replicate the compacted buckets: see eqprop_jax.batch_compaction).
     step = make_train_step(
-        estimator,
+        estimator if mesh is None else PerDevice(estimator, mesh),
         tx,
         augment=cfg.augment,
         channels_first=cfg.channels_first,
-        compaction=mesh is None,
     )
     keys = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     run = _Run(cfg, data, x_test, y_test, spe, *keys, step, mesh, fingerprint, description, log)
@@ -216,15 +226,20 @@ def fit(
     is issued for an epoch with non-finite phases.
     """
     config = TrainConfig() if config is None else config
+    if not distributed.is_primary():  # process 0 alone writes and logs
+        log = _quiet
     run, state = _prepare(model, estimator, data, config, optimizer, log)
-    ckpt, metrics = Checkpointer(out_dir), MetricsWriter(out_dir, log=log)
+    primary_dir = out_dir if distributed.is_primary() else None
+    ckpt, metrics = Checkpointer(primary_dir), MetricsWriter(primary_dir, log=log)
+    # Every process restores from the shared checkpoint; only process 0 writes it.
+    reader = Checkpointer(out_dir)
     history: list[dict] = []
     t_start = time.perf_counter()
     with ckpt, _SignalFlag() as signals:
         if not resume:
             ckpt.refuse_overwrite()
-        if resume and ckpt.exists():
-            arrays, info = ckpt.restore(
+        if resume and reader.exists():
+            arrays, info = reader.restore(
                 state.arrays,
                 fingerprint=run.fingerprint,
                 description=run.description,
@@ -235,8 +250,8 @@ def fit(
                 },
             )
             state.restore(*arrays, info)
-            history = metrics.read(upto_epoch=state.epoch)
-            log(f"resuming from {ckpt.path}: epoch {state.epoch}, step {state.step}")
+            history = MetricsWriter(out_dir, log=log).read(upto_epoch=state.epoch)
+            log(f"resuming from {reader.path}: epoch {state.epoch}, step {state.step}")
         else:
             if resume and out_dir is not None:
                 log(f"no checkpoint in {ckpt.folder}; starting a new run")
@@ -259,6 +274,10 @@ def fit(
     return TrainResult(state.model, state.opt_state, history, summary)
 
 
+def _quiet(_: str) -> None:
+    pass
+
+
 def _train_epoch(run: _Run, state: TrainState, ckpt: Checkpointer, signals: _SignalFlag) -> None:
     cfg, spe = run.cfg, run.steps_per_epoch
     order = epoch_order(run.data_key, state.epoch, len(run.data.x_train))
@@ -266,9 +285,14 @@ def _train_epoch(run: _Run, state: TrainState, ckpt: Checkpointer, signals: _Sig
     bar.update(state.position)
     for pos in range(state.position, spe):
         idx = batch_indices(order, pos, cfg.batch_size)
-        batch = (jnp.asarray(run.data.x_train[idx]), jnp.asarray(run.data.y_train[idx]))
-        if run.mesh is not None:
-            batch = shard_batch(batch, run.mesh)
+        if jax.process_count() > 1:  # each process loads its own rows of the batch
+            idx = idx[distributed.process_rows(cfg.batch_size)]
+            batch = distributed.global_batch((run.data.x_train[idx], run.data.y_train[idx]),
+                                             run.mesh)
+        else:
+            batch = (jnp.asarray(run.data.x_train[idx]), jnp.asarray(run.data.y_train[idx]))
+            if run.mesh is not None:
+                batch = shard_batch(batch, run.mesh)
         key = jax.random.fold_in(run.step_key, state.step)
         state.model, state.opt_state, state.phase_counts, loss, flag = run.train_step(
             state.model, state.opt_state, state.phase_counts, *batch, key
@@ -301,14 +325,22 @@ def _epoch_row(run: _Run, state: TrainState, t_epoch: float) -> dict:
     """Evaluate, then the metrics row of the epoch that just ended (and its log line)."""
     cfg = run.cfg
     train_time = time.perf_counter() - t_epoch
+    model, mesh = state.model, run.mesh
+    if jax.process_count() > 1:
+        # Every process evaluates the whole test set on its own first device, from its
+        # copy of the replicated model: the same figures everywhere, no collectives.
+        model = jtu.tree_map(
+            lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, model
+        )
+        mesh = None
     test = evaluate(
-        state.model,
+        model,
         run.x_test,
         run.y_test,
         batch_size=cfg.eval_batch_size,
         solver=cfg.eval_solver,
-        mesh=run.mesh,
-        progress=cfg.progress,
+        mesh=mesh,
+        progress=cfg.progress and distributed.is_primary(),
     )
     counts = state.take_epoch_counts()
     epoch = state.epoch + 1

@@ -71,7 +71,9 @@ class TrainState:
     def take_epoch_counts(self) -> np.ndarray:
         """This epoch's phase counts, brought to the host, and a fresh zero count."""
         counts = np.asarray(jax.device_get(self.phase_counts))
-        self.phase_counts = jnp.zeros_like(self.phase_counts)  # on the same device(s)
+        # A fresh count placed like the old one (on one device, a local mesh or every
+        # process's devices).
+        self.phase_counts = jax.device_put(np.zeros_like(counts), self.phase_counts.sharding)
         return counts
 
     def next_epoch(self) -> None:
