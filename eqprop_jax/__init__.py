@@ -1,5 +1,7 @@
 """eqprop_jax: learning in fixed-point (equilibrium) systems with JAX."""
 
+from importlib import metadata as _metadata
+
 from . import data, train  # the submodules eqp.data and eqp.train
 from ._checks import default_tol
 from ._ragged import batch_compaction, ragged_while_loop
@@ -31,7 +33,10 @@ from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
 from .regularisation import SpectralRadius, jacobian_frobenius, spectral_radius
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("eqprop_jax")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "data",
