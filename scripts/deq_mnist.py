@@ -24,8 +24,10 @@ backward solves' failure count (an `eqp.adjoint_probe`; adjoints run with
 `on_failure="ignore"` so a failed check is counted rather than turned into NaN),
 and the spectral radius of ∂f/∂z at z* on test examples (`eqp.spectral_radius`).
 The configurations are interleaved epoch by epoch, so load from other jobs is
-shared among them. Outputs in `--out`: `results.json`, `table.md`,
-`iterations.png`, `angles.png`, `accuracy.png`.
+shared among them; after training, one step of each configuration is timed from the
+same weights and batch, round-robin (`--time-rounds`), for a cleaner ms/step.
+Outputs in `--out`: `results.json`, `table.md`, `iterations.png`, `angles.png`,
+`accuracy.png`.
 
     python scripts/deq_mnist.py --quick          # a short run on subsets (minutes)
     python scripts/deq_mnist.py --smoke          # random data, seconds (the test)
@@ -101,18 +103,16 @@ class Classifier(eqx.Module):
         self.head = eqx.nn.Linear(hidden, n_out, key=k3)
 
     def solve(self, x, z0, probe=None):
-        """z*, the DEQ's input, and the Solution, for one example started at z0."""
+        """The Solution and the DEQ's input, for one example started at z0."""
         inp = {"u": self.encoder(x), "z0": z0}
-        if probe is None:
-            sol = self.deq.solve(inp)
-        else:  # the DEQ layer takes no probe: the same solve through eqp.fixed_point
-            sol = eqp.fixed_point(self.deq.cell, z0, inp, solver=self.deq.solver,
-                                  adjoint=self.deq.adjoint, probe=probe)
-        return sol, inp
+        return self.deq.solve(inp, probe=probe), inp
 
 
 def with_adjoint(model: Classifier, adjoint) -> Classifier:
-    return eqx.tree_at(lambda m: m.deq.adjoint, model, adjoint)
+    # The DEQ's adjoint is a static setting: build the layer anew around the same cell.
+    deq = model.deq
+    new = eqp.DEQ(deq.cell, z_init=deq.z_init, solver=deq.solver, adjoint=adjoint)
+    return eqx.tree_at(lambda m: m.deq, model, new)
 
 
 def cross_entropy(model, x, y, z0, probes, jac_weight, key):
@@ -336,7 +336,42 @@ def train_all(args):
                 + (f"  angle {ang[-1]:5.1f} deg" if ang else ""),
                 flush=True,
             )
-    return runs
+    return runs, datasets
+
+
+def time_steps(runs, datasets, args):
+    """Median CPU time of one training step per configuration, interleaved.
+
+    Every configuration of a dataset steps from the same weights (the end of the
+    plain `implicit` run, or of the first run) on the same batch, round-robin for
+    `--time-rounds` rounds, so that other jobs' load falls on all of them alike.
+    Returns {(dataset, label): (median CPU ms, median wall ms)}; warm-start runs are
+    not timed (their step is the implicit one from another z0).
+    """
+    out = {}
+    for name, data in datasets.items():
+        group = [r for r in runs if r.dataset == name and not r.warm_start]
+        base = next((r for r in group if r.backward == "implicit" and not r.jac_weight), group[0])
+        x = jnp.asarray(data.x_train[: args.batch].reshape(args.batch, -1))
+        y = jnp.asarray(data.y_train[: args.batch])
+        z0 = jnp.zeros((args.batch, args.hidden), jnp.float32)
+        calls = []
+        for r in group:
+            model = with_adjoint(base.model, make_adjoint(r.backward, args.phantom_k,
+                                                          args.phantom_damping))
+            call_args = (model, base.opt_state, x, y, z0, jax.random.key(0))
+            jax.block_until_ready(r.step(*call_args))  # compiled already; warm the caches
+            calls.append((r, call_args))
+        times = {r.label: ([], []) for r, _ in calls}
+        for _ in range(args.time_rounds):
+            for r, call_args in calls:
+                t0, c0 = time.perf_counter(), time.process_time()
+                jax.block_until_ready(r.step(*call_args))
+                times[r.label][0].append(time.process_time() - c0)
+                times[r.label][1].append(time.perf_counter() - t0)
+        for label, (cpu, wall) in times.items():
+            out[(name, label)] = (1e3 * statistics.median(cpu), 1e3 * statistics.median(wall))
+    return out
 
 
 def summarise(runs, args) -> list[dict]:
@@ -376,17 +411,21 @@ def summarise(runs, args) -> list[dict]:
 
 def table(rows, args) -> str:
     lines = [
-        "| data | backward | test acc | s/epoch wall (cpu) | fwd iters ep 1 → last "
-        "| angle vs Implicit median (max) | ρ(J) mean (max) | failed bwd checks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | backward | test acc | s/epoch wall (cpu) | ms/step cpu (wall) "
+        "| fwd iters ep 1 → last | angle vs Implicit median (max) | ρ(J) mean (max) "
+        "| failed bwd checks |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        step = "—"
+        if r.get("step_ms_cpu") is not None:
+            step = f"{r['step_ms_cpu']:.2f} ({r['step_ms_wall']:.2f})"
         angle = "—"
         if r["angle_median"] is not None:
             angle = f"{r['angle_median']:.1f}° ({r['angle_max']:.1f}°)"
         lines.append(
             f"| {r['dataset']} | {r['label']} | {100 * r['test_acc']:.2f}% "
-            f"| {r['epoch_wall_s']:.1f} ({r['epoch_cpu_s']:.1f}) "
+            f"| {r['epoch_wall_s']:.1f} ({r['epoch_cpu_s']:.1f}) | {step} "
             f"| {r['fwd_iters_first_epoch']:.1f} → {r['fwd_iters_last_epoch']:.1f} "
             f"| {angle} | {r['rho_mean']:.3f} ({r['rho_max']:.3f}) | {r['backward_failures']} |"
         )
@@ -468,6 +507,8 @@ def parse(argv=None):
     p.add_argument("--phantom-damping", type=float, default=0.5)
     p.add_argument("--angle-every", type=int, default=10, help="training steps between angles")
     p.add_argument("--eval-block", type=int, default=1000)
+    p.add_argument("--time-rounds", type=int, default=50,
+                   help="interleaved rounds of the per-step timing after training")
     p.add_argument("--data", default=DATA, help="folder holding mnist/ and fashion_mnist/")
     p.add_argument("--out", default="runs/deq_mnist")
     p.add_argument("--seed", type=int, default=0)
@@ -479,7 +520,7 @@ def parse(argv=None):
         args.epochs, args.train_size, args.test_size, args.hidden = 2, 10000, 5000, 128
     if args.smoke:
         args.epochs, args.batch, args.hidden, args.angle_every = 2, 16, 8, 2
-        args.max_steps, args.eval_block, args.buckets = 20, 32, 1
+        args.max_steps, args.eval_block, args.buckets, args.time_rounds = 20, 32, 1, 3
     return args
 
 
@@ -488,12 +529,20 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
-    runs = train_all(args)
+    runs, datasets = train_all(args)
+    load_before = os.getloadavg()[0]
+    step_times = time_steps(runs, datasets, args)
     rows = summarise(runs, args)
+    for row in rows:
+        row["step_ms_cpu"], row["step_ms_wall"] = step_times.get(
+            (row["dataset"], row["label"]), (None, None))
+        row["step_timing_load"] = load_before
     md = table(rows, args)
     head = (
         f"Measured {started} on {machine()} (at the end), {time.perf_counter() - t0:.0f} s in "
-        f"all.\nSettings: {json.dumps({k: v for k, v in vars(args).items() if k != 'data'})}\n"
+        f"all. ms/step: median of {args.time_rounds} interleaved steps per configuration from "
+        f"the same weights and batch (load average {load_before:.1f} when they started).\n"
+        f"Settings: {json.dumps({k: v for k, v in vars(args).items() if k != 'data'})}\n"
     )
     print("\n" + head + "\n" + md)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -35,9 +35,11 @@ def test_deq_mnist_smoke(tmp_path, float32, monkeypatch):
     # on this contractive cell (Fung et al.'s descent condition).
     assert 0 < jfb["angle_median"] < 90
     assert jfb["history"]["reg"][0] > 0  # the Jacobian penalty is in the loss
+    assert jfb["step_ms_cpu"] > 0  # the interleaved step timing
     warm = by_label["implicit +JR +warm"]
     # Epoch 2 starts each example at its epoch-1 equilibrium and counts the cold start too.
     assert warm["history"]["cold_steps"] and warm["warm_iters"] < warm["cold_iters_same_params"]
+    assert warm["step_ms_cpu"] is None
     for r in rows:
         assert 0 <= r["test_acc"] <= 1 and 0 < r["rho_mean"] < 1 and r["epoch_cpu_s"] > 0
     table = (tmp_path / "table.md").read_text()
