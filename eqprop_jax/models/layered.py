@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._conv import conv2d
+
 
 def _identity(x):
     return x
@@ -42,9 +44,10 @@ def _uniform(key, shape, fan_in, dtype):
 
 def _conv(x: Array, kernel: Array) -> Array:
     """3x3 'same' cross-correlation of one (C, H, W) image with an (O, I, 3, 3) kernel."""
-    return jax.lax.conv_general_dilated(
-        x[None], kernel, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
-    )[0]
+    # Channels-last, through `conv2d`, whose derivatives XLA:CPU runs fast inside
+    # loops (DTP's feedback training) as well as at top level (backprop).
+    out = conv2d(jnp.transpose(x, (1, 2, 0)), jnp.transpose(kernel, (2, 3, 1, 0)), 1)
+    return jnp.transpose(out, (2, 0, 1))
 
 
 def transpose_kernel(kernel: Float[Array, "o i kh kw"]) -> Float[Array, "i o kh kw"]:
