@@ -14,6 +14,7 @@ from .adjoints import (
     Unrolled,
     adjoint_probe,
 )
+from .custom import custom_fixed_point, custom_root
 from .diagnostics import gradient_alignment
 from .estimators import (
     BPTT,
@@ -26,7 +27,16 @@ from .estimators import (
 from .estimators.dtp import DTP
 from .fixed_point import fixed_point
 from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
-from .solvers import AbstractSolver, Anderson, Broyden, Picard
+from .root_find import root_find
+from .solvers import (
+    AbstractNewtonSolver,
+    AbstractSolver,
+    Anderson,
+    Broyden,
+    Chord,
+    Newton,
+    Picard,
+)
 
 __version__ = "0.1.0"
 
@@ -44,6 +54,9 @@ __all__ = [
     "Estimator",
     "Anderson",
     "Broyden",
+    "AbstractNewtonSolver",
+    "Newton",
+    "Chord",
     "Implicit",
     "Neumann",
     "Picard",
@@ -52,6 +65,9 @@ __all__ = [
     "Stats",
     "Unrolled",
     "fixed_point",
+    "root_find",
+    "custom_root",
+    "custom_fixed_point",
     "ragged_while_loop",
     "batch_compaction",
     "gradient_alignment",
