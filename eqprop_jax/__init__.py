@@ -18,6 +18,7 @@ from .adjoints import (
     Unrolled,
     adjoint_probe,
 )
+from .custom import custom_fixed_point, custom_root
 from .diagnostics import gradient_alignment
 from .estimators import (
     BPTT,
@@ -31,7 +32,16 @@ from .estimators.dtp import DTP
 from .fixed_point import fixed_point
 from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
 from .regularisation import SpectralRadius, jacobian_frobenius, spectral_radius
-from .solvers import AbstractSolver, Anderson, Broyden, Picard
+from .root_find import root_find
+from .solvers import (
+    AbstractNewtonSolver,
+    AbstractSolver,
+    Anderson,
+    Broyden,
+    Chord,
+    Newton,
+    Picard,
+)
 
 try:
     __version__ = _metadata.version("eqprop_jax")
@@ -52,6 +62,9 @@ __all__ = [
     "Estimator",
     "Anderson",
     "Broyden",
+    "AbstractNewtonSolver",
+    "Newton",
+    "Chord",
     "Implicit",
     "JacobianFree",
     "Neumann",
@@ -62,6 +75,9 @@ __all__ = [
     "Stats",
     "Unrolled",
     "fixed_point",
+    "root_find",
+    "custom_root",
+    "custom_fixed_point",
     "ragged_while_loop",
     "batch_compaction",
     "gradient_alignment",

@@ -305,15 +305,29 @@ class Implicit(AbstractLinearAdjoint):
 class Unrolled(AbstractAdjoint):
     """Autodiff through the solver's iterations (BPTT): the reference.
 
-    Reverse mode runs through `equinox.internal.while_loop(kind="checkpointed")`,
-    so memory grows as O(log) of the steps taken rather than linearly, and the
-    gradient is exactly that of the iterations that ran (same stopping step). At
-    least one step is always taken, so the gradient sees f even when z0 already
-    meets the tolerance, and z0 is differentiated too (through those steps).
-    Forward mode (`jax.jvp`) is not supported through this adjoint: use one of the
-    implicit adjoints ([`eqprop_jax.Implicit`][], [`eqprop_jax.AlmeidaPineda`][],
-    [`eqprop_jax.Neumann`][]).
+    The derivative is exactly that of the iterations that ran (same stopping step).
+    At least one step is always taken, so it sees f even when z0 already meets the
+    tolerance, and z0 is differentiated too (through those steps).
+
+    `mode="reverse"` (default): `jax.grad`/`jax.vjp` through
+    `equinox.internal.while_loop(kind="checkpointed")`, whose memory grows as
+    O(log) of the steps taken rather than linearly. Forward mode raises an error.
+
+    `mode="forward"`: `jax.jvp`/`jax.jacfwd` through a `lax.while_loop`, carrying
+    the tangents along the iterations (what optimistix's tests do with a
+    `lax.while_loop` adjoint); no memory beyond the iterate's. Under `vmap` each
+    example still stops on its own, but the batch steps in lockstep (no
+    compaction: the compacted loop has no forward-mode rule under `vmap`). Reverse
+    mode raises an error.
+
+    The implicit adjoints ([`eqprop_jax.Implicit`][], [`eqprop_jax.AlmeidaPineda`][],
+    [`eqprop_jax.Neumann`][]) support both modes.
     """
+
+    mode: Literal["reverse", "forward"] = "reverse"
+
+    def __check_init__(self):
+        _checks.choice("Unrolled", "mode", self.mode, ("reverse", "forward"))
 
 
 # -- inexact gradients: truncations that are cheap by design ------------------------

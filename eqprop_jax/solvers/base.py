@@ -44,7 +44,8 @@ class AbstractSolver(eqx.Module):
     finished examples cost nothing. `batch_buckets` caps the number of batch sizes
     used (each compiles one copy of f and the update); 1 steps the whole batch in
     lockstep until the slowest example stops, as `lax.while_loop` does. Fixed-step
-    solves are not compacted (no example stops early).
+    solves are not compacted (an example stops early only when f(z) = z holds
+    exactly).
 
     Settings are validated when the solver is built: tolerances must be finite,
     non-negative Python numbers (they are static: they fix the compiled program).
@@ -85,6 +86,11 @@ class AbstractSolver(eqx.Module):
     @abc.abstractmethod
     def init(self, z: Array, fz: Array) -> PyTree:
         """Solver state at the start, given z0 and f(z0)."""
+
+    def start(self, fn: FlatFn, z: Array, fz: Array) -> PyTree:
+        """Solver state at the start, for solvers that need f itself there (the
+        Jacobian at z0 of [`eqprop_jax.Chord`][]); by default `init(z, fz)`."""
+        return self.init(z, fz)
 
     @abc.abstractmethod
     def update(self, fn: FlatFn, z: Array, fz: Array, state: PyTree) -> tuple[Array, PyTree]:
