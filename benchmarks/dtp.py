@@ -2,9 +2,11 @@
 
 A training step is, for DTP, `pre_step` (K_n L-DRL SGD steps per feedback layer) then
 the DTP estimate and an SGD update of the forward weights; for backprop, autodiff of
-the loss and the same SGD update. Compilation (first call minus a steady call) and
-the steady-state time (median over `--repeats` calls, `block_until_ready`) are
-reported apart. Synthetic data of the right shape.
+the loss and the same SGD update. Compilation (trace + lower + XLA compile, wall and
+process CPU time) and the steady state (median over `--repeats` calls, both steps
+called round-robin, each call ended by `block_until_ready`; wall and process CPU
+time, since the machine may be shared) are reported apart. Synthetic data of the
+right shape. SimpleVGG uses the paper's K = (20, 30, 35, 55, 20).
 
     python benchmarks/dtp.py --models mlp lenet vgg --out benchmarks/results/dtp.md
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +24,6 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import eqprop_jax as eqp
 from eqprop_jax.diagnostics.dtp import backprop_gradients
@@ -33,7 +35,13 @@ VGG_NOISE = (0.4, 0.4, 0.2, 0.2, 0.08)
 VGG_LR = (1e-4, 3.5e-4, 8e-3, 8e-3, 0.18)
 
 
-def setups(names, batch, vgg_batch, key):
+try:  # run as `python benchmarks/dtp.py` or imported as `benchmarks.dtp`
+    from _timing import compile_timed, interleaved
+except ImportError:  # pragma: no cover
+    from benchmarks._timing import compile_timed, interleaved
+
+
+def setups(names, batch, vgg_batch, key, *, dtype=jnp.float32, vgg_channels=None, vgg_steps=None):
     kx, ky, km = jax.random.split(key, 3)
     for name in names:
         if name == "mlp":
@@ -47,9 +55,15 @@ def setups(names, batch, vgg_batch, key):
             model, shape, b = LayeredNet.lenet(key=km), (1, 28, 28), batch
             est = eqp.DTP(beta=0.7, feedback_steps=5, noise=0.1, feedback_lr=(0.5 / 196, 0.5, 0.5))
         else:
-            model, shape, b = LayeredNet.simple_vgg(key=km), (3, 32, 32), vgg_batch
-            est = eqp.DTP(beta=0.7, feedback_steps=VGG_STEPS, noise=VGG_NOISE, feedback_lr=VGG_LR)
-        x = jax.random.normal(kx, (b, *shape), jnp.float32)
+            kw = {} if vgg_channels is None else {"channels": tuple(vgg_channels)}
+            model, shape, b = (
+                LayeredNet.simple_vgg(key=km, dtype=dtype, **kw),
+                (3, 32, 32),
+                vgg_batch,
+            )
+            steps = VGG_STEPS if vgg_steps is None else tuple(vgg_steps)
+            est = eqp.DTP(beta=0.7, feedback_steps=steps, noise=VGG_NOISE, feedback_lr=VGG_LR)
+        x = jax.random.normal(kx, (b, *shape), dtype)
         y = jax.random.randint(ky, (b,), 0, 10)
         yield name, model, x, y, est
 
@@ -76,18 +90,29 @@ def make_steps(est):
     return {"ldrl": dtp_step, "bp": bp_step}
 
 
-def time_step(step, model, x, y, repeats):
+def time_steps(steps, model, x, y, repeats):
+    """{name: (compile wall s, compile CPU s, step wall s, step CPU s)}, the steady
+    state timed round-robin (medians)."""
+    params, static = eqx.partition(model, eqx.is_array)
     key = jax.random.PRNGKey(0)
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(model, x, y, key))
-    first = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(model, x, y, jax.random.fold_in(key, i)))
-        times.append(time.perf_counter() - t0)
-    steady = float(np.median(times))
-    return max(first - steady, 0.0), steady
+    calls, compiled_s = {}, {}
+    for name, step in steps.items():
+        fn = lambda p, x, y, k, step=step: eqx.filter(
+            step(eqx.combine(p, static), x, y, k), eqx.is_array
+        )
+        c0 = time.process_time()
+        compiled, wall = compile_timed(fn, params, x, y, key)
+        compiled_s[name] = (wall, time.process_time() - c0)
+        calls[name] = (compiled, (params, x, y, key))
+    times = interleaved(calls, repeats)
+    return {
+        name: (
+            *compiled_s[name],
+            statistics.median(t for t, _ in ts),
+            statistics.median(c for _, c in ts),
+        )
+        for name, ts in times.items()
+    }
 
 
 def main(argv=None):
@@ -97,22 +122,31 @@ def main(argv=None):
     )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--vgg-batch", type=int, default=128)
+    p.add_argument("--vgg-channels", type=int, nargs=5, default=None, help="override widths")
+    p.add_argument("--vgg-steps", type=int, nargs=5, default=None, help="override K_n")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cli = sys.argv[1:] if argv is None else list(argv)
     rows = []
     for name, model, x, y, est in setups(
-        args.models, args.batch, args.vgg_batch, jax.random.PRNGKey(0)
+        args.models,
+        args.batch,
+        args.vgg_batch,
+        jax.random.PRNGKey(0),
+        dtype=jnp.dtype(args.dtype),
+        vgg_channels=args.vgg_channels,
+        vgg_steps=args.vgg_steps,
     ):
-        steps = make_steps(est)
-        res = {m: time_step(steps[m], model, x, y, args.repeats) for m in ("bp", "ldrl")}
-        ratio = res["ldrl"][1] / res["bp"][1]
+        res = time_steps(make_steps(est), model, x, y, args.repeats)
+        ratio = res["ldrl"][3] / res["bp"][3]
         rows.append((name, x.shape[0], est.feedback_steps, res, ratio))
         print(
-            f"{name} batch {x.shape[0]}: bp compile {res['bp'][0]:.2f}s "
-            f"step {res['bp'][1] * 1e3:.1f}ms | L-DRL compile {res['ldrl'][0]:.2f}s "
-            f"step {res['ldrl'][1] * 1e3:.1f}ms | ratio {ratio:.1f}x",
+            f"{name} batch {x.shape[0]}: bp compile {res['bp'][1]:.1f}s CPU, "
+            f"step {res['bp'][2] * 1e3:.1f}ms wall {res['bp'][3] * 1e3:.1f}ms CPU | "
+            f"L-DRL compile {res['ldrl'][1]:.1f}s CPU, step {res['ldrl'][2] * 1e3:.1f}ms wall "
+            f"{res['ldrl'][3] * 1e3:.1f}ms CPU | ratio (CPU) {ratio:.1f}x",
             flush=True,
         )
     if args.out:
@@ -120,22 +154,24 @@ def main(argv=None):
         load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         lines = [
             f"\n## Step time: L-DRL vs backprop ({now:%Y-%m-%d %H:%M} UTC)\n",
-            f"Machine: 2-core CPU container, jax {jax.__version__}, float32; "
+            f"Machine: 2-core CPU container, jax {jax.__version__}, {args.dtype}; "
             f"load at the end: `{load}`.",
             "Command: `python benchmarks/dtp.py " + " ".join(cli) + "`",
             "Synthetic data. One step = (DTP: L-DRL feedback training with K_n steps per "
-            "layer + DTP estimate) + SGD on the forward weights; median of "
-            f"{args.repeats} calls; compile = first call minus steady call. MLP "
-            "784-256-256-10 and LeNet (conv16-conv32-fc128-10): K = 5; SimpleVGG: the "
-            "paper's K = (20, 30, 35, 55, 20).\n",
-            "| net | batch | K | BP compile (s) | BP step (ms) | L-DRL compile (s) "
-            "| L-DRL step (ms) | L-DRL/BP |",
+            "layer + DTP estimate) + SGD on the forward weights; medians of "
+            f"{args.repeats} round-robin calls (wall and process CPU time); compile = trace "
+            "+ lower + XLA compile. MLP 784-256-256-10 and LeNet (conv16-conv32-fc128-10): "
+            "K = 5; SimpleVGG: the paper's K = (20, 30, 35, 55, 20) unless overridden.\n",
+            "| net | batch | K | BP compile s (wall / CPU) | BP step ms (wall / CPU) "
+            "| L-DRL compile s (wall / CPU) | L-DRL step ms (wall / CPU) | L-DRL/BP (CPU) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, b, k, res, ratio in rows:
+            bp, dtp = res["bp"], res["ldrl"]
             lines.append(
-                f"| {name} | {b} | {k} | {res['bp'][0]:.1f} | {res['bp'][1] * 1e3:.1f} | "
-                f"{res['ldrl'][0]:.1f} | {res['ldrl'][1] * 1e3:.1f} | {ratio:.1f}x |"
+                f"| {name} | {b} | {k} | {bp[0]:.1f} / {bp[1]:.1f} | "
+                f"{bp[2] * 1e3:.1f} / {bp[3] * 1e3:.1f} | {dtp[0]:.1f} / {dtp[1]:.1f} | "
+                f"{dtp[2] * 1e3:.1f} / {dtp[3] * 1e3:.1f} | {ratio:.1f}x |"
             )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
