@@ -8,6 +8,7 @@ caller ([`eqprop_jax.Implicit`][]) checks the residual.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -28,6 +29,21 @@ def norm(x):
     return jnp.sqrt(jnp.sum(jnp.abs(x) ** 2))
 
 
+def _standard_promotion(solver):
+    """Run a Krylov solver under standard dtype promotion: its real scalars (norms,
+    Givens cosines) scale complex vectors, which `jax_numpy_dtype_promotion="strict"`
+    (optimistix's test setting) refuses. `op` is already linearised, so the user's
+    own code is not traced under the changed setting."""
+
+    @functools.wraps(solver)
+    def wrapped(*args, **kwargs):
+        with jax.numpy_dtype_promotion("standard"):
+            return solver(*args, **kwargs)
+
+    return wrapped
+
+
+@_standard_promotion
 def bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int = 4):
     """BiCGStab (van der Vorst 1992) from x0 = 0, stopping at ‖b - A x‖₂ <= tol ‖b‖₂.
 
@@ -83,6 +99,7 @@ def _givens(a, b):
     return c.astype(jnp.real(a).dtype), s.astype(a.dtype), (phase * denom).astype(a.dtype)
 
 
+@_standard_promotion
 def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buckets: int = 4):
     """Restarted GMRES(m) (Saad & Schultz 1986) from x0 = 0, stopping at
     ‖b - A x‖₂ <= tol ‖b‖₂ or after `max_restarts` cycles of m = `restart` steps.

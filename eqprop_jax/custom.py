@@ -17,6 +17,7 @@ library's implicit adjoints, so forward and reverse mode both work, and under
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,20 @@ from jax.flatten_util import ravel_pytree
 
 from ._checks import default_tol
 from .adjoints import AbstractLinearAdjoint, Implicit
+
+
+def _bind(reference, args, kwargs):
+    """Keyword arguments resolved to positions by `reference`'s signature (whose first
+    parameter is the solution), so that a solver called with keywords can feed an
+    optimality function that takes them positionally, as jaxopt does. Left as they
+    are when the signature cannot take them so (e.g. it has `*args` only)."""
+    if not kwargs:
+        return args, kwargs
+    try:
+        bound = inspect.signature(reference).bind(None, *args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    return bound.args[1:], bound.kwargs
 
 
 def _stop(tree):
@@ -100,7 +115,9 @@ def custom_root(
     Args:
         optimality_fn: g, called as `g(z, *args, **kwargs)`; it must return a pytree
             of z's structure and shapes (a square system), e.g. the gradient of an
-            objective for an unconstrained minimiser.
+            objective for an unconstrained minimiser. Keyword arguments of the
+            solver call are passed by position where g's signature names them
+            (jaxopt's behaviour: `solver(init, lam=1.0)` feeds `g(z, lam)`).
         has_aux: the solver returns `(z, aux)`; aux is passed through, with no
             derivative (it is computed from gradient-stopped inputs).
         adjoint: the linear solve with ∂g/∂z: [`eqprop_jax.Implicit`][] (default:
@@ -113,17 +130,21 @@ def custom_root(
     Returns:
         A decorator; the decorated solver has the solver's signature.
     """
+    return _custom_root(optimality_fn, optimality_fn, has_aux, adjoint, "custom_root")
+
+
+def _custom_root(optimality_fn, reference, has_aux, adjoint, who):
     adjoint = Implicit() if adjoint is None else adjoint
     if not isinstance(adjoint, AbstractLinearAdjoint):
         raise TypeError(
-            "custom_root: `adjoint` must be an implicit adjoint (Implicit, AlmeidaPineda, "
+            f"{who}: `adjoint` must be an implicit adjoint (Implicit, AlmeidaPineda, "
             f"Neumann), got {type(adjoint).__name__}: there are no iterations to unroll."
         )
-    if not callable(optimality_fn):
-        raise TypeError(f"custom_root: `optimality_fn` must be callable, got {optimality_fn!r}.")
+    if not callable(reference):
+        raise TypeError(f"{who}: the optimality function must be callable, got {reference!r}.")
 
     def residual(z, theta):
-        args, kwargs = theta
+        args, kwargs = _bind(reference, *theta)
         return optimality_fn(z, *args, **kwargs)
 
     def decorator(solver):
@@ -133,12 +154,12 @@ def custom_root(
             if has_aux:
                 if not isinstance(out, tuple | list) or len(out) != 2:
                     raise ValueError(
-                        "custom_root: with has_aux=True the solver must return (z, aux)."
+                        f"{who}: with has_aux=True the solver must return (z, aux)."
                     )
                 sol, aux = out
             else:
                 sol = out
-            sol = _attach(residual, sol, (args, kwargs), adjoint, "custom_root")
+            sol = _attach(residual, sol, (args, kwargs), adjoint, who)
             return (sol, aux) if has_aux else sol
 
         return wrapped
@@ -162,11 +183,12 @@ def custom_fixed_point(
     (default) only that I - ∂f/∂z be invertible.
 
     Args:
-        fixed_point_fn: f, called as `f(z, *args, **kwargs)`, returning z's structure.
+        fixed_point_fn: f, called as `f(z, *args, **kwargs)`, returning z's structure
+            (keywords resolved by its signature, as for `custom_root`).
         has_aux, adjoint: as for [`eqprop_jax.custom_root`][].
     """
 
     def optimality_fn(z, *args, **kwargs):
         return jtu.tree_map(jnp.subtract, z, fixed_point_fn(z, *args, **kwargs))
 
-    return custom_root(optimality_fn, has_aux=has_aux, adjoint=adjoint)
+    return _custom_root(optimality_fn, fixed_point_fn, has_aux, adjoint, "custom_fixed_point")
