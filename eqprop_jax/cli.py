@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-BENCHMARKS = ("solvers", "ep_step", "dchn", "resistive", "dtp")
+BENCHMARKS = ("solvers", "ep_step", "dchn", "resistive", "dtp", "deq_train")
 
 # Library messages name Python parameters in backquotes; here they become flags.
 _FLAGS = {
