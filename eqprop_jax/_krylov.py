@@ -8,6 +8,7 @@ caller ([`eqprop_jax.Implicit`][]) checks the residual.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,10 +25,25 @@ def _dot(a, b):
     return jnp.sum(jnp.conj(a) * b)
 
 
-def _norm(x):
+def norm(x):
     return jnp.sqrt(jnp.sum(jnp.abs(x) ** 2))
 
 
+def _standard_promotion(solver):
+    """Run a Krylov solver under standard dtype promotion: its real scalars (norms,
+    Givens cosines) scale complex vectors, which `jax_numpy_dtype_promotion="strict"`
+    (optimistix's test setting) refuses. `op` is already linearised, so the user's
+    own code is not traced under the changed setting."""
+
+    @functools.wraps(solver)
+    def wrapped(*args, **kwargs):
+        with jax.numpy_dtype_promotion("standard"):
+            return solver(*args, **kwargs)
+
+    return wrapped
+
+
+@_standard_promotion
 def bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int = 4):
     """BiCGStab (van der Vorst 1992) from x0 = 0, stopping at ‖b - A x‖₂ <= tol ‖b‖₂.
 
@@ -39,17 +55,17 @@ def bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int = 4)
     breakdown (ρ = 0 or ω = 0) stops the iteration; the caller's residual check
     reports it.
     """
-    bnorm = _norm(b)
+    bnorm = norm(b)
     stop = tol * bnorm
     one = jnp.ones((), b.dtype)
     zero = jnp.zeros_like(b)
     u = jax.random.normal(jax.random.key(0), b.shape, jnp.real(b).dtype)
-    shadow = b + (bnorm / jnp.maximum(_norm(u), 1)) * u.astype(b.dtype)
+    shadow = b + (bnorm / jnp.maximum(norm(u), 1)) * u.astype(b.dtype)
 
     def cond(c):
         _, r, _, _, rho, _, omega, k = c
         ok = (rho != 0) & (omega != 0) & jnp.all(jnp.isfinite(r))
-        return (k < max_steps) & (_norm(r) > stop) & ok
+        return (k < max_steps) & (norm(r) > stop) & ok
 
     def body(c):
         x, r, p, v, rho, alpha, omega, k = c
@@ -61,7 +77,7 @@ def bicgstab(op: Linear, b: Array, tol: float, max_steps: int, buckets: int = 4)
         s = r - alpha * v
         t = op(s)
         omega = _dot(t, s) / _dot(t, t)
-        done = _norm(s) <= stop  # converged at the half step: skip the ω update
+        done = norm(s) <= stop  # converged at the half step: skip the ω update
         x = x + alpha * p + jnp.where(done, 0, omega) * s
         r = jnp.where(done, s, s - omega * t)
         omega = jnp.where(done, one, omega)
@@ -83,6 +99,7 @@ def _givens(a, b):
     return c.astype(jnp.real(a).dtype), s.astype(a.dtype), (phase * denom).astype(a.dtype)
 
 
+@_standard_promotion
 def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buckets: int = 4):
     """Restarted GMRES(m) (Saad & Schultz 1986) from x0 = 0, stopping at
     ‖b - A x‖₂ <= tol ‖b‖₂ or after `max_restarts` cycles of m = `restart` steps.
@@ -96,10 +113,10 @@ def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buc
     n = b.shape[0]
     m = min(restart, n)
     dtype = b.dtype
-    stop = tol * _norm(b)
+    stop = tol * norm(b)
 
     def cycle(x, r):
-        beta = _norm(r)
+        beta = norm(r)
         basis = jnp.zeros((m + 1, n), dtype).at[0].set(r / jnp.where(beta > 0, beta, 1))
         g = jnp.zeros(m + 1, dtype).at[0].set(beta)
         R = jnp.zeros((m, m), dtype)
@@ -118,7 +135,7 @@ def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buc
             h2 = jnp.conj(basis) @ w
             w = w - basis.T @ h2
             h = h + h2
-            hn = _norm(w)
+            hn = norm(w)
             basis = basis.at[j + 1].set(w / jnp.where(hn > 0, hn, 1))
 
             def rotate(i, h):
@@ -147,7 +164,7 @@ def gmres(op: Linear, b: Array, tol: float, max_restarts: int, restart: int, buc
 
     def cond(c):
         _, r, cycles, _ = c
-        return (cycles < max_restarts) & (_norm(r) > stop) & jnp.all(jnp.isfinite(r))
+        return (cycles < max_restarts) & (norm(r) > stop) & jnp.all(jnp.isfinite(r))
 
     def body(c):
         x, r, cycles, steps = c

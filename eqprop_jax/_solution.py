@@ -49,11 +49,14 @@ class Solution(eqx.Module):
         value: the equilibrium z* (same pytree structure as `z0`).
         result: an `int32` [`eqprop_jax.Result`][] code.
         stats: [`eqprop_jax.Stats`][] (steps and residual).
+        aux: with `has_aux=True`, the auxiliary output of f evaluated at the
+            returned `value` (differentiable like `value`); otherwise None.
     """
 
     value: PyTree[Array]
     result: Int[Array, "..."]
     stats: Stats
+    aux: PyTree = None
 
     @property
     def converged(self) -> Array:

@@ -13,16 +13,88 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
+import re
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
-BENCHMARKS = ("solvers", "ep_step", "dchn", "resistive", "dtp")
+BENCHMARKS = ("solvers", "ep_step", "dchn", "resistive", "dtp", "deq_train")
+
+# Library messages name Python parameters in backquotes; here they become flags.
+_FLAGS = {
+    "resume": "--resume",
+    "out_dir": "--out",
+    "data_dir": "--data-dir",
+    "download": "--download",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "steps_per_epoch": "--max-steps-per-epoch",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "eval_limit": "--eval-limit",
+}
+MAX_LR = 100.0
+
+
+def _translate(msg: str) -> str:
+    """`resume=True` -> --resume, `seed=0` -> --seed 0, `out_dir` -> --out."""
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(3)
+        if name not in _FLAGS:
+            return m.group(0)
+        return _FLAGS[name] if value in (None, "True") else f"{_FLAGS[name]} {value}"
+
+    return re.sub(r"`(\w+)(=([^`]*))?`", flag, msg)
 
 
 def _err(msg: str) -> None:
-    print(f"eqprop-jax: error: {msg}", file=sys.stderr)
+    print(f"eqprop-jax: error: {_translate(msg)}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"eqprop-jax: warning: {_translate(str(message))}", file=sys.stderr)
+
+
+# -- flag values -----------------------------------------------------------------
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(*, positive: bool = False, nonzero: bool = False, high: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if positive and v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if nonzero and v == 0:
+            raise argparse.ArgumentTypeError("must be nonzero, got 0")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
+        return v
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,28 +110,51 @@ def _parser() -> argparse.ArgumentParser:
             help="a folder of IDX (.gz) / npz files, or a tensorflow-datasets data_dir",
         )
         q.add_argument("--download", action="store_true", help="let tfds download (network)")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=0)
         q.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
-        q.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
+        q.add_argument("--train-limit", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
 
+    positive = _int_at_least(1)
     t = sub.add_parser("train", help="train a preset")
     data_args(t)
     t.add_argument("--estimator", default=None, help="override the preset's estimator")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None, help="one learning rate for all layers")
+    t.add_argument("--epochs", type=positive, default=None)
+    t.add_argument("--batch-size", type=positive, default=None)
+    t.add_argument(
+        "--lr",
+        type=_number(positive=True, high=MAX_LR),
+        default=None,
+        help=f"one learning rate for all layers, in (0, {MAX_LR:g}]",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
-    t.add_argument("--eval-limit", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--max-steps-per-epoch", type=positive, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--eval-limit", type=positive, default=None, help=argparse.SUPPRESS)
     t.add_argument("--x64", action="store_true", help=argparse.SUPPRESS)
+    d = t.add_argument_group(
+        "several processes (jax.distributed; start one command per process)"
+    )
+    d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    d.add_argument("--num-processes", type=positive, default=None)
+    d.add_argument("--process-id", type=_int_at_least(0), default=None)
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a cluster that JAX detects itself (SLURM, Open MPI, Kubernetes, ...)",
+    )
+    d.add_argument(
+        "--heartbeat-timeout",
+        type=positive,
+        default=100,
+        help="seconds before the others stop when a process dies (default 100)",
+    )
 
     a = sub.add_parser("align", help="gradient alignment of every estimator on one batch")
     data_args(a)
-    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--batch-size", type=positive, default=32)
     a.add_argument(
         "--betas",
-        type=float,
+        type=_number(nonzero=True),
         nargs="+",
         default=[0.01, 0.03, 0.1, 0.3, 1.0],
         help="the β values of the EP sweep",
@@ -79,28 +174,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; returns the exit status (2 for a bad command line, 1 for a
+    refused input or a stopped run, 128 + signal for an interrupted one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage and the problem
+        return e.code if isinstance(e.code, int) else 2
+    args.argv = argv
     from .data import DataError
     from .presets import PresetError
-    from .train import CheckpointError, Interrupted, TrainingError
+    from .train import CheckpointError, Interrupted, TrainingError, TrainingWarning
 
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "align":
-            return _align(args)
-        if args.command == "bench":
-            return _bench(args)
-        return _list_presets()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", TrainingWarning)
+            warnings.showwarning = _show_warning
+            if args.command == "train":
+                return _train(args)
+            if args.command == "align":
+                return _align(args)
+            if args.command == "bench":
+                return _bench(args)
+            return _list_presets()
     except Interrupted as e:
         _err(str(e))
         return 128 + e.signum
     except (PresetError, DataError, CheckpointError, TrainingError) as e:
         _err(str(e))
         return 1
-    except ValueError as e:
-        # Bad settings or shapes: the library's ValueErrors name the problem.
+    except (ValueError, TypeError) as e:
+        # Bad settings or shapes: the library's errors name the problem.
         _err(f"{type(e).__name__}: {e}")
+        return 1
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        _err(f"{e.strerror or e}{where}.")
         return 1
     except KeyboardInterrupt:
         _err("interrupted.")
@@ -141,12 +250,26 @@ def _train(args) -> int:
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     from .presets import get_preset
-    from .train import fit
+    from .train import Checkpointer, check_output_folder, distributed, fit
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit) or args.distributed:
+        if args.distributed and any(v is not None for v in explicit):
+            raise ValueError(
+                "give either --distributed (cluster detection) or --coordinator, "
+                "--num-processes and --process-id, not both."
+            )
+        if not args.distributed and any(v is None for v in explicit):
+            raise ValueError(
+                "--coordinator, --num-processes and --process-id go together "
+                "(or use --distributed for JAX's cluster detection)."
+            )
+        distributed.initialize(*explicit, heartbeat_timeout=args.heartbeat_timeout)
+    say = print if distributed.is_primary() else (lambda *_: None)
 
     preset = get_preset(args.preset)
     estimator_name = args.estimator or preset.estimator
     estimator = preset.make_estimator(estimator_name)
-    data = _in_layout(_dataset(args, preset), preset)
     cfg = preset.train
     overrides = {
         "epochs": args.epochs,
@@ -163,19 +286,24 @@ def _train(args) -> int:
         progress=False if args.no_progress else None,
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    # Every setting and the output folder are checked before the data is loaded.
+    out = check_output_folder(args.out or f"runs/{preset.name}")
+    if not args.resume:
+        Checkpointer(out).refuse_overwrite()
+    data = _in_layout(_dataset(args, preset), preset)
     key = jax.random.PRNGKey(args.seed)
     model = preset.model(jax.random.fold_in(key, 7), data.x_train.shape[1:], data.num_classes)
-    out = Path(args.out or f"runs/{preset.name}")
-    print(f"preset {preset.name}: {preset.summary}")
-    print(
+    say(f"preset {preset.name}: {preset.summary}")
+    say(
         f"training {type(model).__name__} with {estimator_name} on {data!r}; "
         f"{cfg.epochs} epochs of batch {cfg.batch_size}; outputs in {out}"
+        + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else "")
     )
     info = {
         "preset": preset.name,
         "estimator": estimator_name,
         "dataset": data.name,
-        "argv": sys.argv[1:],
+        "argv": args.argv,
         "config": {k: repr(v) for k, v in dataclasses.asdict(cfg).items()},
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -198,9 +326,21 @@ def _align(args) -> int:
     from .data import batch_indices, epoch_order
     from .diagnostics import gradient_alignment
     from .presets import PresetError, cast_floats, get_preset
-    from .train import TrainingError
+    from .train import TrainingError, check_output_folder
 
     preset = get_preset(args.preset)
+    ref_name = "backprop" if preset.family == "layered" else "rbp-implicit"
+    names = [n for n in preset.estimators() if n != ref_name]
+    if args.estimators:
+        unknown = [n for n in args.estimators if n not in names]
+        if unknown:
+            raise PresetError(
+                f"estimator(s) {unknown} do not apply to preset {preset.name!r}; choose among: "
+                f"{', '.join(names)}."
+            )
+        names = list(args.estimators)
+
+    out = check_output_folder(args.out or f"runs/align-{preset.name}")
     data = _in_layout(_dataset(args, preset), preset)
     dtype = jnp.float32 if args.float32 else jnp.float64
     key = jax.random.PRNGKey(args.seed)
@@ -219,17 +359,6 @@ def _align(args) -> int:
         m = est.pre_step(m, x, y, key=k)
         loss, grads, _ = est(m, x, y, key=k)
         return loss, grads
-
-    ref_name = "backprop" if preset.family == "layered" else "rbp-implicit"
-    names = [n for n in preset.estimators() if n != ref_name]
-    if args.estimators:
-        unknown = [n for n in args.estimators if n not in names]
-        if unknown:
-            raise PresetError(
-                f"estimator(s) {unknown} do not apply to preset {preset.name!r}; choose among: "
-                f"{', '.join(names)}."
-            )
-        names = list(args.estimators)
 
     def make(name, beta=None):
         # β as an array is traced, so the β sweep reuses one compilation per variant.
@@ -294,7 +423,6 @@ def _align(args) -> int:
         for name, rows in sweep.items():
             print(f"{name:<16}" + "".join(f"{r['overall']:>10.3f}" for r in rows))
 
-    out = Path(args.out or f"runs/align-{preset.name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "alignment.json").write_text(
         json.dumps(

@@ -15,10 +15,11 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
+from ._checks import default_tol
 from ._ragged import ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import AbstractAdjoint, Implicit, Unrolled
-from .solvers.base import AbstractSolver, scaled_residual
+from .solvers.base import AbstractSolver, residuals
 from .solvers.picard import Picard
 
 _RUNNING = -1
@@ -28,40 +29,25 @@ def _leaf_desc(path) -> str:
     return jtu.keystr(path) or "<root>"
 
 
-def _validate(f, z0, args, solver, adjoint):
-    if not callable(f):
-        raise TypeError(f"fixed_point: `f` must be callable, got {type(f).__name__}.")
-    if not isinstance(solver, AbstractSolver):
-        raise TypeError(
-            f"fixed_point: `solver` must be an eqprop_jax solver, got {type(solver).__name__}."
-        )
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(
-            f"fixed_point: `adjoint` must be an eqprop_jax adjoint, got {type(adjoint).__name__}."
-        )
-    leaves = jtu.tree_leaves_with_path(z0)
-    if not leaves:
-        raise ValueError("fixed_point: `z0` has no array leaves.")
-    for path, leaf in leaves:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"fixed_point: z0 leaf {_leaf_desc(path)} has dtype {dtype}; the state must be "
-                "floating point or complex (cast it, e.g. `z0.astype(jnp.float32)`)."
-            )
-    dtypes = {jnp.result_type(leaf) for _, leaf in leaves}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"fixed_point: z0 mixes dtypes {sorted(map(str, dtypes))}; use one dtype for the state."
-        )
+def _check_map(f, z0, args, has_aux, who, name):
+    """f(z0, args) must return (a pair whose first element is) z0's structure."""
     z_struct = jax.eval_shape(lambda z: z, z0)
     try:
         out_struct = jax.eval_shape(f, z0, args)
     except Exception as e:
-        raise ValueError(f"fixed_point: calling f(z0, args) failed: {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{who}: calling {name}(z0, args) failed: {type(e).__name__}: {e}"
+        ) from e
+    if has_aux:
+        if not isinstance(out_struct, tuple | list) or len(out_struct) != 2:
+            raise ValueError(
+                f"{who}: with has_aux=True, {name}(z, args) must return a pair (value, aux); "
+                f"got {jtu.tree_structure(out_struct)}."
+            )
+        out_struct = out_struct[0]
     if jtu.tree_structure(out_struct) != jtu.tree_structure(z_struct):
         raise ValueError(
-            "fixed_point: f(z0, args) must return a pytree with the structure of z0; got "
+            f"{who}: {name}(z0, args) must return a pytree with the structure of z0; got "
             f"{jtu.tree_structure(out_struct)} for z0 structure {jtu.tree_structure(z_struct)}."
         )
     for (path, a), b in zip(
@@ -69,95 +55,247 @@ def _validate(f, z0, args, solver, adjoint):
     ):
         if a.shape != b.shape:
             raise ValueError(
-                f"fixed_point: f(z0, args) changes the shape of leaf {_leaf_desc(path)}: "
-                f"z0 has {a.shape}, f(z0) has {b.shape}."
+                f"{who}: {name}(z0, args) changes the shape of leaf {_leaf_desc(path)}: "
+                f"z0 has {a.shape}, {name}(z0) has {b.shape}."
             )
         if a.dtype != b.dtype:
             raise TypeError(
-                f"fixed_point: f(z0, args) changes the dtype of leaf {_leaf_desc(path)}: "
-                f"z0 is {a.dtype}, f(z0) is {b.dtype}."
+                f"{who}: {name}(z0, args) changes the dtype of leaf {_leaf_desc(path)}: "
+                f"z0 is {a.dtype}, {name}(z0) is {b.dtype}."
             )
 
 
-def _iterate(solver: AbstractSolver, fn: Callable[[Array], Array], z0: Array, kind: str):
-    """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual)."""
-    atol, rtol = solver.atol_rtol
+def _check_state(z0, who):
+    leaves = jtu.tree_leaves_with_path(z0)
+    if not leaves:
+        raise ValueError(f"{who}: `z0` has no array leaves.")
+    for path, leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{who}: z0 leaf {_leaf_desc(path)} has dtype {dtype}; the state must be "
+                "floating point or complex (cast it, e.g. `z0.astype(jnp.float32)`)."
+            )
+    dtypes = {jnp.result_type(leaf) for _, leaf in leaves}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{who}: z0 mixes dtypes {sorted(map(str, dtypes))}; use one dtype for the state."
+        )
+
+
+def _validate(f, z0, args, solver, adjoint, has_aux, who="fixed_point", name="f"):
+    if not callable(f):
+        raise TypeError(f"{who}: `{name}` must be callable, got {type(f).__name__}.")
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"{who}: `solver` must be an eqprop_jax solver, got {type(solver).__name__}."
+        )
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"{who}: `adjoint` must be an eqprop_jax adjoint, got {type(adjoint).__name__}."
+        )
+    _check_state(z0, who)
+    _check_map(f, z0, args, has_aux, who, name)
+
+
+def _check_probe(probe):
+    if not eqx.is_array(probe) or jnp.shape(probe) != (3,):
+        raise ValueError(
+            "fixed_point: `probe` must be an array of shape (3,) (eqprop_jax.adjoint_probe()), "
+            f"got {type(probe).__name__} of shape {jnp.shape(probe)}."
+        )
+    if not jnp.issubdtype(probe.dtype, jnp.floating):
+        raise TypeError(f"fixed_point: `probe` must be a real floating array, got {probe.dtype}.")
+    return probe
+
+
+def _iterate(
+    solver: AbstractSolver,
+    fn: Callable[[Array], Array],
+    z0: Array,
+    loop: str,
+    tols: tuple[float, float],
+    min_steps: int = 0,
+    best_so_far: bool = False,
+):
+    """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual).
+
+    `loop`: "ragged" (a [`eqprop_jax.ragged_while_loop`][]), "checkpointed"
+    (reverse-mode differentiable) or "lax" (forward-mode differentiable).
+    `tols` are the resolved (atol, rtol). `min_steps` forces that many updates before
+    any stopping test but the non-finite one (the unrolled adjoint needs one, so that
+    its gradient sees f even when z0 already meets the tolerance); the iterates
+    before it are not candidates for `best_so_far` either.
+    """
+    atol, rtol = tols
+    fixed = solver.fixed_steps
     fz0 = fn(z0)
-    res0 = scaled_residual(z0, fz0, atol, rtol)
+
+    def measure(z, fz):
+        scaled, absolute = residuals(z, fz, atol, rtol)
+        # Fixed-step solves report the unscaled residual: dividing by atol = 0 would
+        # overflow (a step of 5 read as inf) and stop the solve at step 0.
+        return (absolute if fixed else scaled), absolute
+
+    res0, abs0 = measure(z0, fz0)
     real = res0.dtype
 
-    def status(res, best, step):
+    def status(res, absolute, best, step):
+        done = absolute == 0 if fixed else res <= 1
         return jnp.where(
-            ~jnp.isfinite(res),
+            ~jnp.isfinite(absolute),
             Result.nonfinite,
             jnp.where(
-                res <= 1,
+                done & (step >= min_steps),
                 Result.converged,
                 jnp.where(
-                    res > solver.divergence * best,
+                    absolute > solver.divergence * best,
                     Result.diverged,
                     jnp.where(step >= solver.max_steps, Result.max_steps, _RUNNING),
                 ),
             ),
         ).astype(jnp.int32)
 
+    if best_so_far:
+        # The lowest residual seen and its iterate; inf means "no candidate yet".
+        candidate = jnp.isfinite(res0) & (min_steps == 0)
+        keep = (z0, jnp.where(candidate, res0, jnp.inf).astype(real))
+    else:
+        keep = ()
     init = (
         z0,
         fz0,
-        solver.init(z0, fz0),
+        solver.start(fn, z0, fz0),
         jnp.array(0, jnp.int32),
         res0,
-        res0,
-        status(res0, res0, 0),
+        abs0,
+        keep,
+        status(res0, abs0, abs0, 0),
     )
 
     def cond(carry):
         return carry[-1] == _RUNNING
 
     def body(carry):
-        z, fz, state, step, _, best, _ = carry
+        z, fz, state, step, _, best, keep, _ = carry
         z, state = solver.update(fn, z, fz, state)
         fz = fn(z)
-        res = scaled_residual(z, fz, atol, rtol)
+        res, absolute = measure(z, fz)
         step = step + 1
-        result = status(res, best, step)
-        return z, fz, state, step, res, jnp.minimum(best, res), result
+        result = status(res, absolute, best, step)
+        if best_so_far:
+            z_best, res_best = keep
+            better = (res < res_best) & (step >= min_steps)
+            keep = (jnp.where(better, z, z_best), jnp.where(better, res, res_best))
+        return z, fz, state, step, res, jnp.minimum(best, absolute), keep, result
 
-    if kind == "lax":
-        # tol = rtol = 0 means "run max_steps": no example finishes early, so
-        # compaction would only add compiled copies of the body.
-        fixed = all(isinstance(t, int | float) and t == 0 for t in (atol, rtol))
+    if loop == "ragged":
+        # A fixed-step solve stops an example early only when f(z) = z holds
+        # exactly, so compaction would only add compiled copies of the body.
         buckets = 1 if fixed else solver.batch_buckets
         out = ragged_while_loop(cond, body, init, max_buckets=buckets)
+    elif loop == "lax":
+        out = lax.while_loop(cond, body, init)
     else:
-        out = eqxi.while_loop(cond, body, init, max_steps=solver.max_steps, kind=kind)
-    z, _, _, step, res, _, result = out
+        out = eqxi.while_loop(cond, body, init, max_steps=solver.max_steps, kind=loop)
+    z, _, _, step, res, _, keep, result = out
+    # A non-finite solve returns NaN, never a finite iterate that looks valid...
+    z = jnp.where(result == Result.nonfinite, jnp.nan, z).astype(z.dtype)
+    if best_so_far:
+        # ...unless the lowest-residual iterate was asked for: it is returned with
+        # its residual, whatever the status (which stays the solve's own).
+        z_best, res_best = keep
+        found = res_best < jnp.inf
+        z = jnp.where(found, z_best, z)
+        res = jnp.where(found, res_best, res)
     return z, result, step, res.astype(real)
 
 
-def _solve_implicit(dyn, z0, *, flat_fn, solver, adjoint):
+def _solve_implicit(dyn, z0, probe, *, flat_fn, solver, adjoint, tols, adjoint_tol, best_so_far):
+    def linear(matvec, rhs, solve_fn):
+        # With a probe the system is augmented with a 3-vector slot, (A x, s) = (b, p),
+        # whose "solution" is the solve's statistics: they become the probe's
+        # cotangent under `jax.grad` (and its tangent's image under `jax.jvp`).
+        if probe is None:
+            return solve_fn(matvec, rhs, adjoint_tol)[0]
+        b, slot = rhs
+        x, stats = solve_fn(lambda v: matvec((v, jnp.zeros_like(slot)))[0], b, adjoint_tol)
+        return x, stats.astype(slot.dtype)
+
     @jax.custom_jvp
-    def solve(dyn, z0):
-        return _iterate(solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(z0), "lax")
+    def solve(dyn, z0, probe):
+        return _iterate(
+            solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(z0), "ragged", tols,
+            best_so_far=best_so_far,
+        )
 
     @solve.defjvp
     def solve_jvp(primals, tangents):
-        dyn, z0 = primals
-        t_dyn, _ = tangents
-        out = solve(dyn, z0)
+        dyn, z0, probe_ = primals
+        t_dyn, _, t_probe = tangents
+        out = solve(dyn, z0, probe_)
         z = out[0]
         _, b = jax.jvp(lambda d: flat_fn(d, z), (dyn,), (t_dyn,))
         _, jac_z = jax.linearize(lambda zz: flat_fn(dyn, zz), z)
+        if probe is None:
+            matvec = lambda v: v - jac_z(v)
+            rhs = b
+        else:
+            matvec = lambda v: (v[0] - jac_z(v[0]), v[1])
+            # custom_linear_solve transposes only when every part of its right-hand
+            # side is linear in the differentiated inputs: a never-taken `select`
+            # couples each part to the other (for when only the probe, or only θ, is
+            # differentiated). Unlike 0 * x, it transposes to an exact zero even when
+            # the other part's cotangent is NaN.
+            never = jnp.zeros((), bool)
+            zero_b = jnp.zeros((), b.dtype)
+            zero_p = jnp.zeros((), t_probe.dtype)
+            rhs = (
+                b + lax.select(never, jnp.sum(t_probe).astype(b.dtype), zero_b),
+                t_probe + lax.select(never, jnp.sum(jnp.real(b)).astype(zero_p.dtype), zero_p),
+            )
         dz = lax.custom_linear_solve(
-            lambda v: v - jac_z(v),
-            b,
-            solve=adjoint.solve,
-            transpose_solve=adjoint.transpose_solve,
+            matvec,
+            rhs,
+            solve=lambda mv, r: linear(mv, r, adjoint.checked_solve),
+            transpose_solve=lambda mv, r: linear(mv, r, adjoint.checked_solve),
         )
+        if probe is not None:
+            dz = dz[0]
+        # A non-finite solve has a NaN derivative too, in forward and reverse mode alike
+        # (a product with NaN transposes to NaN; a `where` would transpose to zero).
+        # A best-so-far iterate is finite: it is differentiated like any other.
+        if not best_so_far:
+            dz = dz * jnp.where(out[1] == Result.nonfinite, jnp.nan, 1).astype(dz.dtype)
         t_int = np.zeros(out[1].shape, jax.dtypes.float0)
         return out, (dz, t_int, np.zeros(out[2].shape, jax.dtypes.float0), jnp.zeros_like(out[3]))
 
-    return solve(dyn, z0)
+    return solve(dyn, z0, probe)
+
+
+_NO_REVERSE = (
+    "fixed_point: adjoint=Unrolled(mode='forward') differentiates the iterations in "
+    "forward mode only (jax.jvp, jax.jacfwd); for reverse mode (jax.grad, jax.vjp) use "
+    "Unrolled() (mode='reverse') or an implicit adjoint."
+)
+
+
+def _unrolled(dyn, flat0, *, flat_fn, solver, tols, mode, best_so_far):
+    fn = lambda z: flat_fn(dyn, z)
+    if mode == "forward":
+        z, *rest = _iterate(solver, fn, flat0, "lax", tols, 1, best_so_far)
+        return (eqxi.nondifferentiable_backward(z, msg=_NO_REVERSE), *rest)
+    try:
+        return _iterate(solver, fn, flat0, "checkpointed", tols, 1, best_so_far)
+    except TypeError as e:
+        if "forward-mode" not in str(e) and "jvp" not in str(e):
+            raise
+        raise TypeError(
+            "fixed_point: forward-mode autodiff (jax.jvp, jax.jacfwd) is not supported "
+            "through adjoint=Unrolled(), which differentiates the loop in reverse mode "
+            "only. Use Unrolled(mode='forward') for forward mode through the iterations, "
+            "or an implicit adjoint (both modes): Implicit(), AlmeidaPineda() or Neumann(k)."
+        ) from None
 
 
 def fixed_point(
@@ -167,7 +305,10 @@ def fixed_point(
     *,
     solver: AbstractSolver | None = None,
     adjoint: AbstractAdjoint | None = None,
+    has_aux: bool = False,
+    best_so_far: bool = False,
     throw: bool = False,
+    probe: Array | None = None,
 ) -> Solution:
     r"""Solve z* = f(z*, args) and make the answer differentiable.
 
@@ -176,20 +317,35 @@ def fixed_point(
             of one dtype. It may close over arrays (e.g. an `eqx.Module`'s weights):
             they are differentiated like `args`.
         z0: the initial state. The solution does not depend on it, so it receives no
-            gradient.
+            gradient (except through [`eqprop_jax.Unrolled`][], which differentiates
+            the iterations that ran from it).
         args: anything else f needs; its floating arrays are differentiable.
-        solver: [`eqprop_jax.Picard`][] (default), [`eqprop_jax.Anderson`][] or
-            [`eqprop_jax.Broyden`][]; it fixes the stopping rule (see
+        solver: [`eqprop_jax.Picard`][] (default), [`eqprop_jax.Anderson`][],
+            [`eqprop_jax.Broyden`][], [`eqprop_jax.Newton`][] or
+            [`eqprop_jax.Chord`][]; it fixes the stopping rule (see
             [`eqprop_jax.AbstractSolver`][]).
         adjoint: how to differentiate: [`eqprop_jax.Implicit`][] (default),
             [`eqprop_jax.AlmeidaPineda`][], [`eqprop_jax.Neumann`][] or
             [`eqprop_jax.Unrolled`][] (BPTT through the iterations).
+        has_aux: f returns a pair `(z, aux)`; only z enters the fixed point, and
+            `Solution.aux` is aux evaluated at the returned value (one more
+            evaluation of f after the solve), differentiable through it.
+        best_so_far: return the iterate with the lowest residual seen (optimistix's
+            `BestSoFarFixedPoint`, torchdeq's `lowest_xest`) instead of the last one,
+            with that residual in `stats.residual`. The status and step count stay
+            the solve's own: a solve that ran out of steps, diverged or hit NaN/inf
+            still says so, but returns its best finite iterate (not NaN), and is
+            differentiated at it like any other. A converged solve returns its last
+            iterate either way (it is the first to meet the tolerance).
         throw: raise at run time (through `eqx.error_if`) when the solve does not
             converge. By default the status is returned in `Solution.result` and the
             caller decides, which is what a jitted training step wants.
+        probe: an [`eqprop_jax.adjoint_probe`][]; differentiate with respect to it to
+            receive the backward (adjoint) solves' statistics as its cotangent,
+            without any host callback. Unused by [`eqprop_jax.Unrolled`][].
 
     Returns:
-        A [`eqprop_jax.Solution`][] with `value`, `result` and `stats`.
+        A [`eqprop_jax.Solution`][] with `value`, `result`, `stats` and `aux`.
 
     Batching: under `jax.vmap` each example iterates until its own stopping rule
     holds, so `stats.steps` and `result` are per example, and each example's answer
@@ -203,25 +359,60 @@ def fixed_point(
 
     The derivative of z* follows the implicit function theorem,
     dz*/dθ = (I - ∂f/∂z)⁻¹ ∂f/∂θ, whatever solver found z*; the adjoint decides how
-    that linear system is solved. Both `jax.jvp` and `jax.grad` work (except forward
-    mode through `Unrolled`).
+    that linear system is solved. Both `jax.jvp` and `jax.grad` work with the
+    implicit adjoints; [`eqprop_jax.Unrolled`][] works in one mode, reverse by
+    default and forward with `mode="forward"`. By default a failed backward solve
+    gives NaN in the affected example's derivative (see
+    [`eqprop_jax.AbstractLinearAdjoint`][]).
+
+    Defaults are exact to the state's dtype and cost nothing under `jit`: the
+    solver's and the adjoint's tolerances follow the dtype
+    ([`eqprop_jax.default_tol`][]), the adjoint's follows the forward solve's, and no
+    host callback is compiled in unless asked for (`throw=True`,
+    `on_failure="warn"/"raise"`, or a `callback`).
     """
     solver = Picard() if solver is None else solver
     adjoint = Implicit() if adjoint is None else adjoint
-    _validate(f, z0, args, solver, adjoint)
+    _validate(f, z0, args, solver, adjoint, has_aux)
     z0 = jtu.tree_map(jnp.asarray, z0)
     flat0, unravel = ravel_pytree(z0)
-    fn = eqx.filter_closure_convert(f, z0, args)
+    f_z = (lambda z, a: f(z, a)[0]) if has_aux else f
+    fn = eqx.filter_closure_convert(f_z, z0, args)
     dyn, static = eqx.partition((fn, args), eqx.is_array)
 
     def flat_fn(dyn, zf):
+        # Under eager `jax.grad` a Python float in `args` reaches the custom_jvp rule
+        # as a plain float, which the closure-converted f would treat as static.
+        dyn = jtu.tree_map(jnp.asarray, dyn)
         fn_, args_ = eqx.combine(dyn, static)
         return ravel_pytree(fn_(unravel(zf), args_))[0]
 
+    tols = solver.tolerances(flat0.dtype)
     if isinstance(adjoint, Unrolled):
-        out = _iterate(solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(flat0), "checkpointed")
+        out = _unrolled(
+            dyn, flat0, flat_fn=flat_fn, solver=solver, tols=tols, mode=adjoint.mode,
+            best_so_far=best_so_far,
+        )
     else:
-        out = _solve_implicit(dyn, flat0, flat_fn=flat_fn, solver=solver, adjoint=adjoint)
+        if adjoint.tol is not None:
+            adjoint_tol = adjoint.tol
+        elif solver.fixed_steps:  # no forward tolerance to follow
+            adjoint_tol = default_tol(flat0.dtype)
+        else:
+            adjoint_tol = tols[0]
+        if probe is not None:
+            probe = _check_probe(probe)
+        out = _solve_implicit(
+            dyn,
+            flat0,
+            probe,
+            flat_fn=flat_fn,
+            solver=solver,
+            adjoint=adjoint,
+            tols=tols,
+            adjoint_tol=adjoint_tol,
+            best_so_far=best_so_far,
+        )
     z, result, steps, res = out
     if throw:
         z = eqx.branched_error_if(
@@ -235,4 +426,6 @@ def fixed_point(
                 "fixed_point: a NaN or inf appeared in the state",
             ],
         )
-    return Solution(unravel(z), result, Stats(steps, res))
+    value = unravel(z)
+    aux = f(value, args)[1] if has_aux else None
+    return Solution(value, result, Stats(steps, res), aux)

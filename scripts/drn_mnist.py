@@ -103,8 +103,8 @@ def main(argv=None):
     p.add_argument(
         "--input-gain",
         type=float,
-        default=48.0,
-        help="g_in; 480 (Scellier's DRN-1H value) did not learn in 2000 steps here",
+        default=100.0,
+        help="g_in (the authors' code: 100 for DRN-XS, 480 for DRN-1H, 800 for DRN-XL)",
     )
     p.add_argument("--bias-voltage", type=float, default=1.0)
     p.add_argument("--chunk", type=int, default=1000, help="batches per jitted scan")

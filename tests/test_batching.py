@@ -202,11 +202,15 @@ def test_backward_pass_reports_its_convergence():
     assert len(seen) == 1 and bool(seen[0].converged) and 0 < int(seen[0].steps) < 10000
     assert float(seen[0].residual) <= 1e-7
 
+    # The default, on_failure="nan": the failed solve shows as NaN in the gradient.
+    assert bool(jnp.all(jnp.isnan(jax.grad(loss)(w, eqp.AlmeidaPineda(tol=1e-8, max_steps=3)))))
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        jax.grad(loss)(w, eqp.AlmeidaPineda(tol=1e-8, max_steps=3))
+        g = jax.grad(loss)(w, eqp.AlmeidaPineda(tol=1e-8, max_steps=3, on_failure="warn"))
         jax.effects_barrier()
     assert any("did not converge" in str(c.message) for c in caught)
+    assert bool(jnp.all(jnp.isfinite(g)))
 
     with pytest.raises(Exception, match="did not converge"):
         jax.block_until_ready(

@@ -75,10 +75,13 @@ def test_checkpoint_of_another_model_is_refused_and_kept(capsys, tmp_path):
     assert rc == 0, err
     assert re.search(r"done: 1 epochs, 2 steps .* test accuracy", stdout)
     ckpt, metrics = out / "checkpoint.npz", out / "metrics.jsonl"
+    # The learning curves are drawn beside the metrics.
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     before = ckpt.read_bytes(), metrics.read_bytes()
-    # Same folder, no --resume: refused, nothing overwritten.
-    rc, _, err = run(capsys, "train", "--out", str(out), *TINY)
+    # Same folder, no --resume: refused before the data is loaded, nothing overwritten.
+    rc, _, err = run(capsys, "train", "--out", str(out), "--dataset", "mnist", *TINY)
     assert rc == 1 and "already holds a checkpoint" in err and "--resume" in err
+    assert "--out" in err and "`" not in err
     # --resume with a different model (512 hidden units instead of 128): refused.
     rc, _, err = run(
         capsys,
@@ -176,3 +179,54 @@ def test_preset_models_match_their_learning_rates(name):
     tx = make_optimizer(params, lr=p.train.lr, frozen=p.train.frozen)
     updates = jax.eval_shape(lambda q: tx.update(q, tx.init(q), q)[0], params)
     assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
+
+
+# -- bad input: one clear message, before any work ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["train", "--lr", "nan"], "--lr"),
+        (["train", "--lr", "-0.5"], "--lr"),
+        (["train", "--lr", "1e39"], "--lr"),
+        (["train", "--eval-limit", "0"], "--eval-limit"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--seed", "-3"], "--seed"),
+        (["align", "--batch-size", "0"], "--batch-size"),
+        (["align", "--betas", "0.1", "inf"], "--betas"),
+    ],
+)
+def test_out_of_range_flags_are_refused(capsys, tmp_path, argv, flag):
+    rc, _, err = run(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert rc == 2 and f"argument {flag}" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/eqprop-x", "file/below", "/dev/null"])
+def test_unusable_out_is_refused_before_the_data(capsys, tmp_path, where):
+    (tmp_path / "file").write_text("")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    # The data folder does not exist either: the output folder is checked first.
+    missing = str(tmp_path / "no-data")
+    for cmd in ("train", "align"):
+        rc, _, err = run(capsys, cmd, "--dataset", "mnist", "--data-dir", missing, "--out", out)
+        assert rc == 1 and "output folder" in err and "no-data" not in err, err
+
+
+def test_a_second_concurrent_run_is_refused(capsys, tmp_path):
+    from eqprop_jax.train import Checkpointer
+
+    with Checkpointer(tmp_path):
+        rc, _, err = run(capsys, "train", "--out", str(tmp_path), *TINY)
+    assert rc == 1 and "another run (process" in err and "--out" in err
+
+
+def test_library_parameters_become_flags():
+    from eqprop_jax.cli import _translate
+
+    msg = "pass `resume=True`, or another `out_dir`; resume with `seed=4`, keep `shard=False`."
+    assert (
+        _translate(msg)
+        == "pass --resume, or another --out; resume with --seed 4, keep `shard=False`."
+    )

@@ -11,6 +11,7 @@ import pytest
 
 from eqprop_jax.data import (
     DataError,
+    Dataset,
     batch_indices,
     epoch_order,
     load_dataset,
@@ -162,7 +163,7 @@ def test_unknown_dataset_and_unreachable_tfds(tmp_path):
     # A tfds data_dir without a prepared copy (and no network): the error names --data-dir.
     tfds_dir = tmp_path / "tfds"
     (tfds_dir / "downloads").mkdir(parents=True)
-    with pytest.raises(DataError, match="could not reach 'fashion_mnist'.*--data-dir"):
+    with pytest.raises(DataError, match="could not reach 'fashion_mnist'.*`data_dir`"):
         load_dataset("fashion_mnist", data_dir=tfds_dir)
 
 
@@ -198,3 +199,98 @@ def test_random_crop_flip_is_a_shifted_possibly_flipped_crop(channels_first):
         assert matches, f"image {i} is not a crop of its padded input"
         kinds.add(matches[0])
     assert len(kinds) > 1  # not the same transform for every image
+
+
+# -- data validated at load time ------------------------------------------------------------
+
+
+def test_a_corrupt_label_byte_is_refused_not_a_bigger_model(tmp_path):
+    folder = _idx_folder(tmp_path)
+    labels = tmp_path / "tiny" / "train-labels-idx1-ubyte.gz"
+    y = read_idx(labels).copy()
+    y[5] = 255
+    _write_idx(labels, y)
+    # Known dataset: the class count is stated (10 for MNIST) and the label is out of range.
+    with pytest.raises(DataError, match=r"train labels must lie in \[0, 10\), but label 5 is 255"):
+        load_dataset("mnist", data_dir=folder)
+    # Unknown name: the count inferred from the labels would leave classes 3..254 empty.
+    with pytest.raises(DataError, match=r"run up to 255, but classes 3\.\.254 have no training"):
+        load_folder(folder)
+    d = load_folder(folder, num_classes=256)  # stated: accepted, and the count is kept
+    assert d.num_classes == 256 and d.y_train[5] == 255
+
+
+def _npz(tmp_path, **arrays):
+    rng = np.random.default_rng(0)
+    base = {
+        "x_train": rng.random((8, 4, 4, 1), np.float32),
+        "y_train": np.arange(8) % 4,
+        "x_test": rng.random((4, 4, 4, 1), np.float32),
+        "y_test": np.arange(4),
+    }
+    base.update(arrays)
+    folder = tmp_path / "npz"
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / "data.npz", **base)
+    return folder
+
+
+def test_npz_labels_pixels_and_class_counts(tmp_path):
+    # Float labels holding integers are accepted (as int32); fractional ones refused.
+    d = load_folder(_npz(tmp_path, y_train=(np.arange(8) % 4).astype(np.float64)))
+    assert d.y_train.dtype == np.int32 and d.num_classes == 4
+    with pytest.raises(
+        DataError, match=r"train labels must be integer class indices, but label 1 is 1\.5"
+    ):
+        load_folder(_npz(tmp_path, y_train=np.array([0, 1.5, 2, 3, 0, 1, 2, 3])))
+    with pytest.raises(DataError, match="test image 2 holds NaN"):
+        x = np.random.default_rng(1).random((4, 4, 4, 1)).astype(np.float32)
+        x[2, 1, 1, 0] = np.nan
+        load_folder(_npz(tmp_path, x_test=x))
+    with pytest.raises(DataError, match="labels must be integers, got dtype <U1"):
+        load_folder(_npz(tmp_path, y_test=np.array(list("abcd"))))
+    with pytest.raises(DataError, match="train images have shape .* but test images"):
+        load_folder(_npz(tmp_path, x_test=np.zeros((4, 5, 4, 1), np.float32)))
+    with pytest.raises(DataError, match="4 images but 3 labels"):
+        load_folder(_npz(tmp_path, y_test=np.arange(3)))
+    # A stated class count in the npz is used, and checked.
+    assert load_folder(_npz(tmp_path, num_classes=np.array(6))).num_classes == 6
+    with pytest.raises(DataError, match=r"lie in \[0, 3\)"):
+        load_folder(_npz(tmp_path, num_classes=np.array(3)))
+    with pytest.raises(DataError, match="integer train images must lie in 0..255"):
+        load_folder(_npz(tmp_path, x_train=np.full((8, 4, 4), 300, np.int16)))
+
+
+def test_truncated_or_garbled_npz_names_the_file(tmp_path):
+    folder = _npz(tmp_path)
+    path = folder / "data.npz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=f"{path}: cannot read the npz data.*corrupt"):
+        load_folder(folder)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 3] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=f"{path}"):
+        load_folder(folder)
+    np.savez(path, x_train=np.array([object()]), y_train=[0], x_test=[0], y_test=[0])
+    with pytest.raises(DataError, match="Python objects"):
+        load_folder(folder)
+
+
+def test_dataset_checks_its_arrays():
+    x, y = np.zeros((4, 3), np.float32), np.arange(4) % 2
+    Dataset("ok", x, y, x, y, 2)
+    for kw, msg in [
+        (dict(num_classes=1), "at least 2"),
+        (dict(num_classes=2.0), "must be an integer"),
+        (dict(y_train=np.array([0, 1, 2, 0])), r"label 2 is 2"),
+        (dict(y_train=np.array([0, -1, 1, 0])), r"label 1 is -1"),
+        (dict(x_train=np.array([[np.inf, 0, 0]] * 4, np.float32)), "train image 0 holds NaN"),
+        (dict(x_test=np.zeros((4,), np.float32)), "feature axis"),
+        (dict(y_test=np.zeros((4, 2), np.int32)), "vector of class indices"),
+        (dict(x_train=np.zeros((0, 3)), y_train=np.zeros(0, int)), "train split is empty"),
+    ]:
+        args = dict(x_train=x, y_train=y, x_test=x, y_test=y, num_classes=2) | kw
+        with pytest.raises(DataError, match=msg):
+            Dataset("bad", **args)

@@ -1,5 +1,6 @@
 """Training loop: optimiser settings, projection, exact resume, NaN stop, sharding."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -20,15 +22,24 @@ from eqprop_jax.data import epoch_order, load_digits
 from eqprop_jax.estimators import EquilibriumProp, Estimator
 from eqprop_jax.models.hopfield import HopfieldMLP
 from eqprop_jax.train import (
+    Checkpointer,
+    CheckpointError,
+    Collapsed,
     Interrupted,
     NonFiniteLoss,
+    NonFiniteWarning,
+    OptimizerSettings,
+    OutputError,
     TrainConfig,
+    TrainingError,
+    TrainingWarning,
     fit,
     layer_indices,
     load_checkpoint,
     make_optimizer,
     model_fingerprint,
     read_info,
+    save_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,22 +153,34 @@ def test_projection_nontrainable_fields_and_metrics(digits, tmp_path):
     assert res.summary.startswith("done: 2 epochs, 6 steps")
 
 
-def test_signal_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path):
+def test_signal_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path, caplog):
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.3, schedule="cosine", max_steps_per_epoch=3)
-    ref = fit(small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "a", log=lambda s: None)
+    caplog.set_level("WARNING")
+    with jax.log_compiles(True):
+        ref = fit(small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "a", log=lambda s: None)
 
     def log(line):
         if line.startswith("epoch   1/"):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while epoch 2 starts
 
-    with pytest.raises(Interrupted, match="SIGTERM.*--resume") as e:
+    with pytest.raises(Interrupted, match="SIGTERM.*`resume=True`") as e:
         fit(small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "b", log=log)
     assert e.value.signum == signal.SIGTERM
     info = read_info(tmp_path / "b" / "checkpoint.npz")
     assert (info["epoch"], info["position"], info["step"]) == (1, 1, 4)
-    res = fit(
-        small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "b", resume=True, log=lambda s: None
-    )
+    with jax.log_compiles(True):
+        res = fit(
+            small_net(),
+            SMALL_EP,
+            digits,
+            cfg,
+            out_dir=tmp_path / "b",
+            resume=True,
+            log=lambda s: None,
+        )
+    # Equal settings, one compiled step for the three runs (no optimiser cache needed).
+    compiles = [r for r in caplog.records if "Compiling jit(_train_step)" in r.getMessage()]
+    assert len(compiles) <= 1
     assert_trees_equal(params_of(res.model), params_of(ref.model))
     assert_trees_equal(res.opt_state, ref.opt_state)
     assert res.history == [
@@ -324,3 +347,251 @@ def test_kill_9_then_resume_gives_the_uninterrupted_parameters(tmp_path):
         np.testing.assert_array_equal(final[k], reference[k])
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == list(range(1, 61))
+
+
+# -- nothing bad kept ---------------------------------------------------------------------
+
+
+def _blow_up_at(step):
+    """SGD whose update turns infinite from step `step` on (counting from 0)."""
+    return optax.chain(
+        optax.sgd(0.3), optax.scale_by_schedule(lambda n: jnp.where(n >= step, jnp.inf, 1.0))
+    )
+
+
+def test_nonfinite_update_is_refused_and_never_saved(digits, tmp_path):
+    # The loss and gradients of step 3 are finite; only the updated parameters are not.
+    # The update is refused, the run stops, and the checkpoint of epoch 2 stays.
+    cfg = TrainConfig(epochs=4, batch_size=16, max_steps_per_epoch=1)
+    with pytest.raises(NonFiniteLoss, match=r"update that makes the parameters.*epoch 3, step 3"):
+        fit(small_net(), SMALL_EP, digits, cfg, optimizer=_blow_up_at(2), out_dir=tmp_path, log=str)
+    ckpt = tmp_path / "checkpoint.npz"
+    assert read_info(ckpt)["epoch"] == 2
+    template = (small_net(), _blow_up_at(2).init(params_of(small_net())))
+    (model, _), _ = load_checkpoint(ckpt, template)
+    # The kept state is exactly that of a clean two-epoch run with the same optimiser.
+    clean = fit(small_net(), SMALL_EP, digits, dataclasses.replace(cfg, epochs=2),
+                optimizer=optax.sgd(0.3), log=str)  # fmt: skip
+    assert_trees_equal(params_of(model), params_of(clean.model))
+    # The message names the checkpoint left behind.
+    with pytest.raises(NonFiniteLoss, match="no checkpoint was written"):
+        fit(small_net(), SMALL_EP, digits, cfg, optimizer=_blow_up_at(0), out_dir=tmp_path / "b",
+            log=str)  # fmt: skip
+    assert not (tmp_path / "b" / "checkpoint.npz").exists()
+
+
+def test_optax_transformation_matches_the_same_settings(digits):
+    cfg = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2)
+    a = fit(small_net(), SMALL_EP, digits, dataclasses.replace(cfg, lr=0.3), log=str)
+    b = fit(small_net(), SMALL_EP, digits, cfg, optimizer=optax.sgd(0.3), log=str)
+    assert_trees_equal(params_of(a.model), params_of(b.model))
+    with pytest.raises(ValueError, match="either as `optimizer` or as TrainConfig.*lr"):
+        fit(small_net(), SMALL_EP, digits, dataclasses.replace(cfg, lr=0.3),
+            optimizer=optax.sgd(0.3), log=str)  # fmt: skip
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        fit(small_net(), SMALL_EP, digits, cfg, optimizer="adam", log=str)
+
+
+def test_optimizer_settings_are_values():
+    # Equal settings are equal and hash alike: a jitted step keyed on them compiles once
+    # for a repeated or resumed run, with no module-level cache.
+    a = TrainConfig(lr=[0.1, 0.05], schedule="cosine", epochs=3).optimizer_settings(4)
+    b = TrainConfig(lr=(0.1, 0.05), schedule="cosine", epochs=3).optimizer_settings(4)
+    assert a == b and hash(a) == hash(b) and a.total_steps == 12
+    m = TrainConfig(lr={r"\.readout": 0.5, "*": 0.2}).optimizer_settings(4)
+    assert m.lr == ((r"\.readout", 0.5), ("*", 0.2))
+    p = params_of(HopfieldMLP((6, 5, 3), key=jax.random.PRNGKey(0), cost="ce"))
+    g = jax.tree_util.tree_map(jnp.ones_like, p)
+    tx = m(p)
+    u, _ = tx.update(g, tx.init(p), p)
+    np.testing.assert_allclose(u.readout[0], -0.5)
+    np.testing.assert_allclose(u.weights[0], -0.2)
+    import eqprop_jax.train.loop as loop
+
+    assert not [k for k in vars(loop) if "CACHE" in k.upper() and not k.startswith("__")]
+    assert isinstance(a, OptimizerSettings)
+
+
+class Linear(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+    seen: jax.Array
+
+    def __call__(self, x):
+        return self.w @ x + self.b
+
+
+class Sabotaged(Estimator):
+    """Cross-entropy, until step `after`: then a huge push towards class 0."""
+
+    after: int = eqx.field(static=True)
+
+    def pre_step(self, model, x, y, *, key=None):
+        return eqx.tree_at(lambda m: m.seen, model, model.seen + 1)
+
+    def __call__(self, model, x, y, *, key=None):
+        def loss_fn(m):
+            logp = jax.nn.log_softmax(jax.vmap(m)(x))
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+
+        loss, g = eqx.filter_value_and_grad(loss_fn)(model)
+        push = jnp.where(model.seen > self.after, -1e3, 0.0) * (jnp.arange(10) == 0)
+        return loss, eqx.tree_at(lambda m: m.b, g, g.b + push), {}
+
+
+def test_accuracy_collapse_to_chance_stops_the_run(tmp_path):
+    data = load_digits(seed=0).flat().subset(train=96, test=200)
+    model = Linear(jnp.zeros((10, 64)), jnp.zeros(10), jnp.array(0))
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.5)
+    lines = []
+    with pytest.raises(Collapsed, match=r"collapsed to chance at epoch 2.*\(epoch 1\) is kept"):
+        fit(model, Sabotaged(6), data, cfg, out_dir=tmp_path, log=lines.append)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Epoch 1 clearly above chance (10% ± 2.1%), epoch 2 at it; the checkpoint is epoch 1's.
+    assert rows[0]["test_accuracy"] > 0.3 and rows[1]["test_accuracy"] < 0.15
+    assert read_info(tmp_path / "checkpoint.npz")["epoch"] == 1
+    # A run that never leaves chance is not stopped, but warned about.
+    with pytest.warns(TrainingWarning, match="stayed at chance level"):
+        fit(model, Sabotaged(0), data, dataclasses.replace(cfg, epochs=2), log=str)
+
+
+class Statused(Estimator):
+    """Cross-entropy, reporting a free and a nudged phase with known statuses: the free
+    phase of example i ends with status y_i mod 4, the nudged one converges."""
+
+    def __call__(self, model, x, y, *, key=None):
+        loss, grads, _ = CountingCE()(model, x, y)
+        return loss, grads, {"result": y % 4, "nudged_result": jnp.zeros_like(y)}
+
+
+def test_phase_statuses_per_epoch_in_metrics_and_a_warning_per_epoch(digits, tmp_path):
+    model = Clipped(jnp.full((10, 64), 0.01), jnp.array(0, jnp.int32))
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, max_steps_per_epoch=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, Statused(), digits, cfg, out_dir=tmp_path, log=str)
+    nonfinite = [w for w in caught if issubclass(w.category, NonFiniteWarning)]
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    data_key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    for epoch, row in enumerate(rows):
+        labels = digits.y_train[epoch_order(data_key, epoch, len(digits.y_train))[:48]]
+        free = np.bincount(labels % 4, minlength=4)
+        want = (free + np.array([48, 0, 0, 0])) / 96  # + the nudged phases, all converged
+        got = [row[f"phase_{k}"] for k in ("converged", "max_steps", "diverged", "nonfinite")]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+        assert f"epoch {epoch + 1}: " in str(nonfinite[epoch].message)
+    # One warning per epoch, each epoch had examples with label 3 mod 4.
+    assert len(nonfinite) == 2
+    # A real estimator: EP's free phase statuses are counted, fractions add up to one.
+    res = fit(small_net(), SMALL_EP, digits, cfg, log=str)
+    for row in res.history:
+        assert sum(row[f"phase_{k}"] for k in ("converged", "max_steps", "diverged",
+                                                "nonfinite")) == pytest.approx(1.0)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::eqprop_jax.train.NonFiniteWarning")
+def test_curves_png_beside_the_metrics(digits, tmp_path):
+    model = Clipped(jnp.full((10, 64), 0.01), jnp.array(0, jnp.int32))
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, max_steps_per_epoch=2)
+    fit(model, Statused(), digits, cfg, out_dir=tmp_path, log=str)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = np.frombuffer(png[16:24], ">u4")
+    assert width >= 600 and height >= 200
+
+
+def test_second_run_into_a_locked_folder_is_refused(digits, tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1)
+    model = Clipped(jnp.full((10, 64), 0.01), jnp.array(0, jnp.int32))
+    with Checkpointer(tmp_path):  # another live run holds the folder
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(OutputError, match=rf"another run \(process {os.getpid()}\)"):
+            fit(model, CountingCE(), digits, cfg, out_dir=tmp_path, log=str)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    fit(model, CountingCE(), digits, cfg, out_dir=tmp_path, log=str)  # released: fine
+
+
+@pytest.mark.parametrize("where", ["/proc/eqprop-x", "file/below", "/dev/null"])
+def test_unusable_output_folder_is_refused(digits, tmp_path, where):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / where if not where.startswith("/") else Path(where)
+    cfg = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1)
+    model = Clipped(jnp.full((10, 64), 0.01), jnp.array(0, jnp.int32))
+    with pytest.raises(OutputError, match="output folder"):
+        fit(model, CountingCE(), digits, cfg, out_dir=out, log=str)
+
+
+def _checkpoint(tmp_path):
+    state = {"w": jnp.arange(200.0).reshape(20, 10), "n": jnp.array(3)}
+    save_checkpoint(tmp_path / "c.npz", state, {"epoch": 1})
+    return tmp_path / "c.npz", state
+
+
+def test_corrupt_or_nonfinite_checkpoints_are_refused_with_the_file_named(tmp_path):
+    path, state = _checkpoint(tmp_path)
+    raw = path.read_bytes()
+    restored, _ = load_checkpoint(path, state)
+    assert_trees_equal(restored, state)
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=f"{path}.*corrupt or truncated"):
+        load_checkpoint(path, state)
+    # Flipped bytes inside the array data: the zip CRC catches them.
+    flipped = bytearray(raw)
+    start = raw.index(np.asarray(state["w"]).tobytes()[:16])
+    flipped[start + 100] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} is corrupt"):
+        load_checkpoint(path, state)
+    # A state holding NaN is never written, and a file holding one is never loaded.
+    bad = {"w": state["w"].at[3, 4].set(jnp.nan), "n": state["n"]}
+    with pytest.raises(CheckpointError, match=r"refusing to write.*\['w'\].*NaN"):
+        save_checkpoint(tmp_path / "d.npz", bad, {"epoch": 1})
+    assert not (tmp_path / "d.npz").exists()
+    _, good = _checkpoint(tmp_path)
+    meta = json.dumps({"format": "eqprop_jax-checkpoint-1", "n_arrays": 2, "epoch": 1})
+    np.savez(path, __meta__=np.frombuffer(meta.encode(), np.uint8), a0=np.asarray(3),
+             a1=np.asarray(bad["w"]))  # fmt: skip
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_checkpoint(path, {"n": state["n"], "w": state["w"]})
+
+
+def test_resume_from_a_corrupt_checkpoint_names_it(digits, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=1)
+    model = Clipped(jnp.full((10, 64), 0.01), jnp.array(0, jnp.int32))
+    fit(model, CountingCE(), digits, dataclasses.replace(cfg, epochs=1), out_dir=tmp_path, log=str)
+    ckpt = tmp_path / "checkpoint.npz"
+    ckpt.write_bytes(ckpt.read_bytes()[:-30])
+    with pytest.raises(CheckpointError, match=f"{ckpt}"):
+        fit(model, CountingCE(), digits, cfg, out_dir=tmp_path, resume=True, log=str)
+    with pytest.raises(TrainingError, match="cannot be read.*corrupt.*Nothing was overwritten"):
+        fit(model, CountingCE(), digits, cfg, out_dir=tmp_path, log=str)
+
+
+def test_bad_settings_and_inputs_are_refused_before_training(digits):
+    for kw, msg in [
+        (dict(lr=-0.5), r"TrainConfig.lr must be a finite number > 0"),
+        (dict(lr=float("nan")), r"TrainConfig.lr must be a finite"),
+        (dict(lr=(0.1, float("inf"))), r"TrainConfig.lr\[1\]"),
+        (dict(lr={"(": 0.1}), "not a regular expression"),
+        (dict(eval_limit=0), "eval_limit.*nothing would be evaluated"),
+        (dict(momentum=1.5), "momentum must lie in"),
+        (dict(optimizer="sdg"), "unknown TrainConfig.optimizer 'sdg'"),
+        (dict(seed=-1), "seed must be an integer"),
+        (dict(warmup_epochs=20, epochs=3), "warmup_epochs"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**kw)
+    cfg = TrainConfig(epochs=1, batch_size=16)
+    nan_net = eqx.tree_at(
+        lambda m: m.weights[0], small_net(), small_net().weights[0].at[0].set(jnp.nan)
+    )
+    with pytest.raises(ValueError, match=r"\.weights\[0\] holds NaN"):
+        fit(nan_net, SMALL_EP, digits, cfg, log=str)
+    with pytest.raises(TypeError, match="must be an eqprop_jax.data.Dataset"):
+        fit(small_net(), SMALL_EP, (digits.x_train, digits.y_train), cfg, log=str)
+    with pytest.raises(ValueError, match="larger than the 96 training examples"):
+        fit(small_net(), SMALL_EP, digits, TrainConfig(batch_size=500), log=str)
+    wide = dataclasses.replace(digits, num_classes=12)
+    with pytest.raises(ValueError, match="12 classes but the model has 10 outputs"):
+        fit(small_net(), SMALL_EP, wide, cfg, log=str)

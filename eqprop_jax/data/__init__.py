@@ -19,6 +19,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     seed: int = 0,
     download: bool = False,
+    num_classes: int | None = None,
 ) -> Dataset:
     """Load a dataset by name.
 
@@ -26,16 +27,37 @@ def load_dataset(
     - `"mnist"`, `"fashion_mnist"`, `"cifar10"`, `"cifar100"`: from `data_dir` when it is
       a folder of IDX/npz files, otherwise through `tfds.data_source` (with `data_dir` as
       the tensorflow-datasets folder).
+    - `"tfds:<name>"`: any prepared tensorflow-datasets dataset with image and label
+      features, read through `tfds.data_source`.
     - `"folder"`: the IDX/npz folder `data_dir`, whatever it holds.
+
+    `num_classes` states the class count; it is checked against the dataset's
+    metadata where there is some (see [`load_folder`][] and [`load_tfds`][]).
     """
+    if not isinstance(name, str):
+        raise DataError(f"a dataset name must be a string, got {name!r}.")
     if name == "digits":
-        return load_digits(seed=seed)
+        d = load_digits(seed=seed)
+        if num_classes not in (None, d.num_classes):
+            raise DataError(f"digits has {d.num_classes} classes, not {num_classes}.")
+        return d
     if name == "folder":
         if data_dir is None:
-            raise DataError("dataset 'folder' needs a data folder: pass --data-dir DIR.")
-        return load_folder(data_dir)
+            raise DataError("dataset 'folder' needs a data folder: pass `data_dir`.")
+        return load_folder(data_dir, num_classes=num_classes)
+    if name.startswith("tfds:") and len(name) > 5:
+        return load_tfds(
+            name[5:],
+            data_dir=None if data_dir is None else str(data_dir),
+            download=download,
+            num_classes=num_classes,
+        )
     if name not in TFDS_NAMES:
-        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}, folder.")
+        raise DataError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}, folder, tfds:<name>."
+        )
+    if num_classes not in (None, TFDS_NAMES[name]):
+        raise DataError(f"{name} has {TFDS_NAMES[name]} classes, not {num_classes}.")
     if data_dir is not None and (
         looks_like_folder_source(data_dir)
         or not os.path.isdir(data_dir)

@@ -108,45 +108,102 @@ def _find_idx(folder: Path, split: str, part: str) -> Path | None:
     return None
 
 
+def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `keys` (and `num_classes`, if there) of one npz file."""
+    try:
+        with np.load(path) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing} (it holds {z.files}).")
+            return {k: np.asarray(z[k]) for k in (*keys, "num_classes") if k in z.files}
+    except DataError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path}: holds Python objects, not numeric arrays.") from e
+        raise DataError(f"{path}: cannot read the npz data ({e}); it is corrupt.") from e
+    except Exception as e:  # noqa: BLE001 - zip, CRC, zlib and header errors alike
+        raise DataError(
+            f"{path}: cannot read the npz data ({type(e).__name__}: {e}); it is corrupt or "
+            "truncated."
+        ) from e
+
+
 def _npz_splits(folder: Path) -> dict[str, np.ndarray] | None:
     """x_train, y_train, x_test, y_test from `data.npz`-style or `train.npz` + `test.npz`."""
-    out: dict[str, np.ndarray] = {}
     train, test = folder / "train.npz", folder / "test.npz"
     files = sorted(folder.glob("*.npz"))
-    try:
-        if train.exists() and test.exists():
-            for split, p in (("train", train), ("test", test)):
-                with np.load(p) as z:
-                    out[f"x_{split}"], out[f"y_{split}"] = _pick(z, p, "x", "y")
-        elif len(files) == 1:
-            with np.load(files[0]) as z:
-                out["x_train"], out["y_train"] = _pick(z, files[0], "x_train", "y_train")
-                out["x_test"], out["y_test"] = _pick(z, files[0], "x_test", "y_test")
-        elif files:
-            raise DataError(
-                f"{folder}: found {len(files)} npz files; expected one file with "
-                "x_train/y_train/x_test/y_test or a train.npz + test.npz pair."
-            )
-        else:
-            return None
-    except (OSError, ValueError, zlib.error) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{folder}: cannot read the npz data ({e}); it is corrupt.") from e
-    return out
+    if train.exists() and test.exists():
+        out = {}
+        for split, p in (("train", train), ("test", test)):
+            arrays = _read_npz(p, ("x", "y"))
+            out[f"x_{split}"], out[f"y_{split}"] = arrays["x"], arrays["y"]
+            if "num_classes" in arrays:
+                out["num_classes"] = arrays["num_classes"]
+        return out
+    if len(files) == 1:
+        return _read_npz(files[0], ("x_train", "y_train", "x_test", "y_test"))
+    if files:
+        raise DataError(
+            f"{folder}: found {len(files)} npz files; expected one file with "
+            "x_train/y_train/x_test/y_test or a train.npz + test.npz pair."
+        )
+    return None
 
 
-def _pick(z, path, xk, yk):
-    missing = [k for k in (xk, yk) if k not in z.files]
-    if missing:
-        raise DataError(f"{path}: missing arrays {missing} (it holds {z.files}).")
-    return np.asarray(z[xk]), np.asarray(z[yk])
+def _class_count(folder: Path, arrays: dict, name: str, num_classes: int | None) -> int:
+    """The class count: stated (argument, an npz `num_classes` entry, or the known count
+    of a named dataset), else inferred from labels that must then cover 0..K-1."""
+    stated = num_classes
+    if stated is None and "num_classes" in arrays:
+        try:
+            stated = int(np.asarray(arrays["num_classes"]).item())
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{folder}: the npz entry num_classes is not one integer.") from e
+    if stated is None:
+        from .tfds_source import TFDS_NAMES
+
+        stated = TFDS_NAMES.get(name)
+    if stated is not None:
+        return stated
+    y = np.asarray(arrays["y_train"]).reshape(-1)
+    if y.size == 0 or not np.issubdtype(y.dtype, np.number) or not np.isfinite(y).all():
+        return 2  # the Dataset's own checks name what is wrong
+    k = int(np.max(y)) + 1
+    present = np.zeros(max(k, 1), bool)
+    ints = y[(y >= 0) & (y == np.round(y))].astype(np.int64)
+    present[ints] = True
+    absent = np.flatnonzero(~present)
+    if absent.size:
+        raise DataError(
+            f"{folder}: the training labels run up to {k - 1}, but classes "
+            f"{_ranges(absent)} have no training example (a corrupt label?). State the class "
+            "count (`num_classes`) if this is intended."
+        )
+    return max(k, 2)
 
 
-def load_folder(folder: str | os.PathLike, *, name: str | None = None) -> Dataset:
+def _ranges(values: np.ndarray) -> str:
+    runs, start = [], values[0]
+    for a, b in zip(values[:-1], values[1:], strict=True):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    runs.append((start, values[-1]))
+    text = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:5])
+    return text + (", ..." if len(runs) > 5 else "")
+
+
+def load_folder(
+    folder: str | os.PathLike, *, name: str | None = None, num_classes: int | None = None
+) -> Dataset:
     """Load the four MNIST-style IDX files, or npz arrays, from `folder`.
 
-    Images of integer type are scaled by 1/255 to [0, 1]; float images are kept.
+    Images of integer type (0..255) are scaled by 1/255 to [0, 1]; float images are
+    kept. The class count is `num_classes`, else an npz entry `num_classes`, else the
+    known count of `name` ("mnist": 10, ...), else inferred from the training labels,
+    which must then cover every class from 0 up. Labels outside the class range, NaN
+    or inf pixels, and fractional labels are refused with the file named.
     """
     folder = Path(folder).expanduser()
     name = name or folder.name
@@ -167,6 +224,7 @@ def load_folder(folder: str | os.PathLike, *, name: str | None = None) -> Datase
         if missing:
             raise DataError(f"data folder {folder}: IDX files missing: {missing}.")
         arrays = {f"{part}_{split}": read_idx(p) for (split, part), p in idx.items()}
+        where = {f"{part}_{split}": p for (split, part), p in idx.items()}
     else:
         arrays = _npz_splits(folder)
         if arrays is None:
@@ -174,19 +232,28 @@ def load_folder(folder: str | os.PathLike, *, name: str | None = None) -> Datase
                 f"data folder {folder} holds no IDX (train-images-idx3-ubyte[.gz], ...) or "
                 f"npz files (found: {sorted(p.name for p in folder.iterdir())[:8]})."
             )
+        where = dict.fromkeys(arrays, folder)
     xs = {}
     for split in ("train", "test"):
         x = arrays[f"x_{split}"]
         if x.ndim not in (3, 4):
             raise DataError(
-                f"{folder}: {split} images have shape {x.shape}; expected (N, H, W[, C])."
+                f"{where[f'x_{split}']}: {split} images have shape {x.shape}; expected "
+                "(N, H, W[, C])."
             )
-        xs[split] = to_unit_images(x, 255.0) if np.issubdtype(x.dtype, np.integer) else x
-        if not np.isfinite(xs[split]).all():
-            raise DataError(f"{folder}: {split} images contain NaN or infinite values.")
-    ys = {s: np.asarray(arrays[f"y_{s}"]).astype(np.int32).reshape(-1) for s in ("train", "test")}
-    num_classes = int(max(ys["train"].max(), ys["test"].max())) + 1
-    return Dataset(name, xs["train"], ys["train"], xs["test"], ys["test"], num_classes)
+        if np.issubdtype(x.dtype, np.integer):
+            if x.size and (x.min() < 0 or x.max() > 255):
+                raise DataError(
+                    f"{where[f'x_{split}']}: integer {split} images must lie in 0..255, found "
+                    f"{x.min()}..{x.max()}."
+                )
+            x = to_unit_images(x, 255.0)
+        xs[split] = x[..., None] if x.ndim == 3 else x
+    k = _class_count(folder, arrays, name, num_classes)
+    try:
+        return Dataset(name, xs["train"], arrays["y_train"], xs["test"], arrays["y_test"], k)
+    except DataError as e:
+        raise DataError(f"data folder {folder}: {e}") from e
 
 
 def looks_like_folder_source(folder: str | os.PathLike) -> bool:

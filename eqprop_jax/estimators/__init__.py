@@ -1,5 +1,6 @@
 """Gradient estimators, one file each, one base class."""
 
+from ._batch import phase_results
 from .base import Estimator
 from .bptt import BPTT
 from .continual_ep import ContinualEP
@@ -11,6 +12,7 @@ from .vector_field_ep import VectorFieldEP
 
 __all__ = [
     "Estimator",
+    "phase_results",
     "BPTT",
     "EquilibriumProp",
     "RecurrentBackprop",

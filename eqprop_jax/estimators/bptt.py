@@ -8,14 +8,16 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from .._solution import Stats
-from ._batch import check_batch
+from .._solution import Solution, Stats
+from ._batch import (
+    check_batch,
+    fixed_steps_result,
+    max_abs_change,
+    nan_if_nonfinite,
+    phase_aux,
+)
+from ._validate import check_steps
 from .base import Estimator
-
-
-def _max_abs_change(a, b):
-    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: jnp.abs(u - v), a, b))
-    return jnp.max(jnp.stack([jnp.max(leaf) for leaf in leaves]))
 
 
 class BPTT(Estimator):
@@ -26,17 +28,20 @@ class BPTT(Estimator):
     With `truncate=K` the first T − K steps run without gradient and only the last K
     are differentiated (their "truncated BPTT", K = EP's nudged steps).
 
-    `aux`: "state" (s_T, batched), "predictions", and "stats" ([`eqprop_jax.Stats`][]
-    with `steps` = T and `residual` = max |s_T − s_{T−1}|, unscaled).
+    `aux`: "state" (s_T, batched), "predictions", "stats" ([`eqprop_jax.Stats`][]
+    with `steps` = T and `residual` = max |s_T − s_{T−1}|, unscaled) and "result"
+    (`max_steps`, or `nonfinite` where s_T holds NaN or inf; see
+    [`eqprop_jax.estimators.Estimator`][]).
     """
 
     steps: int = eqx.field(static=True)
     truncate: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"BPTT: `steps` must be a positive integer, got {self.steps!r}.")
-        if self.truncate is not None and not 1 <= self.truncate <= self.steps:
+        check_steps("BPTT", steps=self.steps)
+        if self.truncate is not None and not (
+            isinstance(self.truncate, int) and 1 <= self.truncate <= self.steps
+        ):
             raise ValueError(
                 f"BPTT: `truncate` must lie in [1, steps={self.steps}], got {self.truncate!r}."
             )
@@ -58,7 +63,7 @@ class BPTT(Estimator):
             if n_grad > 1:
                 s_prev = lax.scan(body, s, length=n_grad - 1)[0]
             s = m.step(s_prev, xi, yi, 0.0)
-            return m.loss(s, yi), (s, _max_abs_change(s, s_prev))
+            return m.loss(s, yi), (s, max_abs_change(s, s_prev))
 
         def batch_loss(m):
             losses, aux = jax.vmap(run, in_axes=(None, 0, 0))(m, x, y)
@@ -66,9 +71,8 @@ class BPTT(Estimator):
 
         (loss, (s, change)), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(model)
         n = jnp.shape(x)[0]
-        aux = {
-            "state": s,
-            "predictions": jax.vmap(model.predict)(s),
-            "stats": Stats(jnp.full((n,), self.steps, jnp.int32), lax.stop_gradient(change)),
-        }
+        stats = Stats(jnp.full((n,), self.steps, jnp.int32), lax.stop_gradient(change))
+        free = Solution(s, jax.vmap(fixed_steps_result)(s), stats)
+        aux = {"state": s, "predictions": jax.vmap(model.predict)(s), **phase_aux(free)}
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux

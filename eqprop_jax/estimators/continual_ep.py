@@ -5,13 +5,42 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from .._solution import Result, Solution, Stats
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch, free_phase_summary
+from ._batch import (
+    all_finite,
+    check_batch,
+    fixed_steps_result,
+    free_phase_summary,
+    max_abs_change,
+    nan_if_nonfinite,
+)
+from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator
+
+
+def _rates(learning_rate: float | PyTree, params: PyTree) -> PyTree:
+    """η for every leaf of `params`: a scalar is shared; a pytree (the trainable
+    structure, or a prefix of it) gives each subtree its own rate."""
+    if not jax.tree_util.tree_leaves(learning_rate):
+        raise ValueError("ContinualEP: `learning_rate` holds no rate.")
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(learning_rate)):
+        return jax.tree_util.tree_map(lambda _: learning_rate, params)
+    try:
+        return jax.tree_util.tree_map(
+            lambda eta, sub: jax.tree_util.tree_map(lambda _: eta, sub), learning_rate, params
+        )
+    except ValueError as e:
+        raise ValueError(
+            "ContinualEP: a per-layer `learning_rate` must have the structure of the "
+            "model's trainable parameters, `eqx.filter(model, eqx.is_inexact_array)` "
+            f"(or a prefix of it), with a rate in place of each array: {e}"
+        ) from None
 
 
 class ContinualEP(Estimator):
@@ -34,15 +63,21 @@ class ContinualEP(Estimator):
     same η reproduces the weights C-EP reaches; use it with `optax.sgd(η)`.
 
     Args:
-        beta: the nudge (nonzero, real; one-sided, as in the paper).
-        learning_rate: η, the weight step taken at every nudged step (> 0). Either a
-            float (shared) or a pytree of floats with the model's trainable structure
-            (per-layer rates, as in the paper).
+        beta: the nudge (real, finite, nonzero; one-sided, as in the paper).
+        learning_rate: η, the weight step taken at every nudged step (finite, > 0).
+            Either a float (shared) or a pytree of floats with the structure of
+            `eqx.filter(model, eqx.is_inexact_array)` (or a prefix of it), e.g.
+            `jax.tree_util.tree_map(lambda _: 0.01, eqx.filter(model,
+            eqx.is_inexact_array))` with some leaves changed: per-layer rates, as in
+            the paper. Then θ_K = θ_0 − η ⊙ grads leaf by leaf.
         free_steps, nudged_steps: T and K.
         free_solver: override the default `Picard(tol=0, max_steps=free_steps)`.
 
     `aux`: "state" (s^0, batched), "predictions", "stats" and "result" of the free
-    phase, "nudged_state" (s_K) and "model" (the model with θ_K).
+    phase, "nudged_result" and "nudged_stats" of the nudged phase (shape (batch, 1):
+    `max_steps`, or `nonfinite` where s_K or θ_K holds NaN or inf), "nudged_state"
+    (s_K) and "model" (the model with θ_K); see
+    [`eqprop_jax.estimators.Estimator`][].
     """
 
     beta: float = 0.1
@@ -52,33 +87,35 @@ class ContinualEP(Estimator):
     free_solver: AbstractSolver | None = None
 
     def __check_init__(self):
-        if jnp.iscomplexobj(jnp.asarray(self.beta)):
-            raise TypeError("ContinualEP: `beta` must be real.")
-        if not isinstance(self.beta, jax.core.Tracer) and float(self.beta) == 0.0:
-            raise ValueError("ContinualEP: `beta` must be nonzero (the update divides by β).")
-        for leaf in jax.tree_util.tree_leaves(self.learning_rate):
-            if not isinstance(leaf, jax.core.Tracer) and not float(jnp.min(leaf)) > 0:
-                raise ValueError(
-                    f"ContinualEP: `learning_rate` must be positive, got {self.learning_rate!r}."
+        check_beta("ContinualEP", self.beta)
+        leaves = jax.tree_util.tree_leaves(self.learning_rate)
+        if not leaves:
+            raise ValueError("ContinualEP: `learning_rate` holds no rate.")
+        for leaf in leaves:
+            if isinstance(leaf, jax.core.Tracer):
+                continue
+            a = np.asarray(leaf)
+            if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+                raise TypeError(
+                    f"ContinualEP: `learning_rate` must hold real numbers, got {leaf!r}."
                 )
-        for name in ("free_steps", "nudged_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ContinualEP: `{name}` must be a positive integer, got {v!r}.")
+            if a.size == 0 or not np.all(np.isfinite(a) & (a > 0)):
+                raise ValueError(
+                    f"ContinualEP: `learning_rate` must be finite and positive, got {leaf!r}."
+                )
+        check_steps("ContinualEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def __call__(
         self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
-        check_batch("ContinualEP", model, x, y)
+        y = check_batch("ContinualEP", model, x, y)
         free_solver = self.free_solver or Picard(tol=0.0, max_steps=self.free_steps)
         free = jax.vmap(lambda xi, yi: model.relax(xi, yi, 0.0, solver=free_solver))(x, y)
         s0 = lax.stop_gradient(free.value)
         dtype = jax.tree_util.tree_leaves(s0)[0].dtype
-        beta = jnp.asarray(self.beta, dtype)
+        beta = jnp.asarray(checked_beta("ContinualEP", self.beta), dtype)
         params, static = eqx.partition(model, eqx.is_inexact_array)
-        lr = self.learning_rate
-        if not jax.tree_util.tree_leaves(lr) or jnp.ndim(lr) == 0:
-            lr = jax.tree_util.tree_map(lambda _: self.learning_rate, params)
+        lr = _rates(self.learning_rate, params)
 
         def d_f(p, s, b):
             def mean_f(p):
@@ -96,14 +133,25 @@ class ContinualEP(Estimator):
             )
             p = jax.tree_util.tree_map(lambda w, eta, gi: w - eta * gi, p, lr, g)
             total = jax.tree_util.tree_map(jnp.add, total, g)
-            return (p, s_new, beta, total), None
+            return (p, s_new, beta, total), jax.vmap(max_abs_change)(s_new, s)
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (p_final, s_final, _, grads), _ = lax.scan(
+        (p_final, s_final, _, grads), changes = lax.scan(
             body, (params, s0, jnp.zeros((), dtype), zeros), length=self.nudged_steps
         )
-        loss, aux = free_phase_summary(model, free, y)
+        # θ is shared by the batch: NaN weights spoil every example's nudged phase.
+        result = jnp.where(
+            all_finite(p_final), jax.vmap(fixed_steps_result)(s_final), Result.nonfinite
+        )
+        n = jnp.shape(x)[0]
+        nudged = Solution(
+            None,
+            result.astype(jnp.int32)[:, None],
+            Stats(jnp.full((n, 1), self.nudged_steps, jnp.int32), changes[-1][:, None]),
+        )
+        loss, aux = free_phase_summary(model, free, y, nudged)
         aux.update(nudged_state=s_final, model=eqx.combine(p_final, static))
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux
 
 

@@ -37,9 +37,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.layered import LayeredNet
+from ._batch import check_labels
+from ._validate import check_beta, check_steps
 from .base import Estimator
 
 _VARIANTS = ("lee", "drl", "ldrl")
@@ -134,18 +137,19 @@ def _check_data(model, x, y, where):
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"DTP.{where}: x must be floating point, got dtype {x.dtype}.")
-    n_out = model.shapes[-1][0]
+    n_out = model.n_outputs
     if jnp.issubdtype(y.dtype, jnp.integer):
         if y.shape != (x.shape[0],):
             raise ValueError(
                 f"DTP.{where}: integer labels y must have shape ({x.shape[0]},), got {y.shape}."
             )
+        y = check_labels(f"DTP.{where}", y, n_out)
     elif y.shape != (x.shape[0], n_out):
         raise ValueError(
             f"DTP.{where}: y must be integer labels of shape ({x.shape[0]},) or target "
             f"probabilities of shape ({x.shape[0]}, {n_out}), got {y.shape} ({y.dtype})."
         )
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
         raise ValueError(f"DTP.{where}: x contains NaN or infinite values.")
     return x, y
 
@@ -182,8 +186,7 @@ class DTP(Estimator):
     def __check_init__(self):
         if self.variant not in _VARIANTS:
             raise ValueError(f"DTP: variant must be one of {_VARIANTS}, got {self.variant!r}.")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"DTP: beta must be a finite number > 0, got {self.beta}.")
+        check_beta("DTP", self.beta, positive=True)
         for name, strict in (("noise", True), ("feedback_lr", False)):
             vals = getattr(self, name)
             for v in vals if isinstance(vals, (tuple, list)) else (vals,):
@@ -191,10 +194,7 @@ class DTP(Estimator):
                     what = "noise σ" if name == "noise" else name
                     rel = "> 0" if strict else ">= 0"
                     raise ValueError(f"DTP: {what} must be finite and {rel}, got {vals}.")
-        steps = self.feedback_steps
-        for v in steps if isinstance(steps, (tuple, list)) else (steps,):
-            if int(v) != v or v < 0:
-                raise ValueError(f"DTP: feedback_steps must be integers >= 0, got {steps}.")
+        check_steps("DTP", minimum=0, feedback_steps=self.feedback_steps)
         if not (math.isfinite(self.drl_lambda) and self.drl_lambda >= 0):
             raise ValueError(f"DTP: drl_lambda must be >= 0, got {self.drl_lambda}.")
 

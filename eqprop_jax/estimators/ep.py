@@ -14,7 +14,8 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ..models.activations import HOLOMORPHIC
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch, free_phase_summary
+from ._batch import check_batch, free_phase_summary, nan_if_nonfinite
+from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator
 
 _VARIANTS = ("positive", "negative", "centered", "holomorphic")
@@ -59,7 +60,8 @@ class EquilibriumProp(Estimator):
     ĝ estimates dL/dθ (sign of `jax.grad`) for L = `model.loss` at s^0.
 
     Args:
-        beta: the nudge strength (nonzero, real). For holomorphic EP, |β| is the radius.
+        beta: the nudge strength (real, finite, nonzero). For holomorphic EP, |β| is
+            the radius.
         variant: "positive", "negative", "centered" or "holomorphic".
         n_points: N, the number of points on the circle (holomorphic only; N ≥ 2).
         free_steps, nudged_steps: steps of the two phases (fixed, as in the papers).
@@ -69,7 +71,10 @@ class EquilibriumProp(Estimator):
             for each phase (e.g. a tolerance-based stopping rule).
 
     `aux`: "state" (free equilibrium, batched), "predictions", "stats" and "result" of
-    the free phase, "nudged_stats" (leading axis: the nudges) and "beta" used.
+    the free phase, "nudged_result" and "nudged_stats" of the nudged phases run
+    (shape (batch, P): P = 1 for positive and negative, 2 for centered, ⌊N/2⌋ + 1
+    for holomorphic, in the order of the nudges of [`nudge_points`][]) and "beta"
+    used; see [`eqprop_jax.estimators.Estimator`][].
     """
 
     beta: float | Array = 0.1
@@ -88,16 +93,7 @@ class EquilibriumProp(Estimator):
             raise ValueError(
                 f"EquilibriumProp: `variant` must be one of {_VARIANTS}, got {self.variant!r}."
             )
-        if isinstance(self.beta, complex) or jnp.iscomplexobj(jnp.asarray(self.beta)):
-            raise TypeError(
-                "EquilibriumProp: `beta` must be real; holomorphic EP builds the complex "
-                "nudges |β|e^{2πik/N} itself."
-            )
-        if not isinstance(self.beta, jax.core.Tracer) and jnp.size(self.beta) == 1:
-            if float(self.beta) == 0.0:
-                raise ValueError(
-                    "EquilibriumProp: `beta` must be nonzero (EP divides by the nudge β)."
-                )
+        check_beta("EquilibriumProp", self.beta)
         if self.variant == "holomorphic" and (
             not isinstance(self.n_points, int) or self.n_points < 2
         ):
@@ -105,12 +101,7 @@ class EquilibriumProp(Estimator):
                 "EquilibriumProp: holomorphic EP needs `n_points` N >= 2 points on the "
                 f"circle, got {self.n_points!r}."
             )
-        for name in ("free_steps", "nudged_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(
-                    f"EquilibriumProp: `{name}` must be a positive integer, got {v!r}."
-                )
+        check_steps("EquilibriumProp", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def _solvers(self):
         free = self.free_solver or Picard(tol=0.0, max_steps=self.free_steps)
@@ -127,7 +118,7 @@ class EquilibriumProp(Estimator):
                 f"EquilibriumProp: holomorphic EP needs a holomorphic activation, but the "
                 f"model uses {act!r}; use one of {sorted(HOLOMORPHIC)}."
             )
-        beta = jnp.asarray(self.beta)
+        beta = jnp.asarray(checked_beta("EquilibriumProp", self.beta))
         if self.random_sign:
             if key is None:
                 raise ValueError("EquilibriumProp: `random_sign=True` needs a PRNG `key`.")
@@ -147,9 +138,10 @@ class EquilibriumProp(Estimator):
             free = model.relax(xi, yi, 0.0, solver=free_solver)
             s0 = lax.stop_gradient(free.value)
             nudged = jax.vmap(lambda b: model.relax(xi, yi, b, s0, solver=nudged_solver))(relaxed)
-            return free, nudged.value, nudged.stats
+            return free, nudged
 
-        free, states, nudged_stats = jax.vmap(phases)(x, y)
+        free, nudged = jax.vmap(phases)(x, y)
+        states = nudged.value
         if free_index is not None:
             pieces = [states, jax.tree_util.tree_map(lambda s: s[:, None], free.value)]
             if free_index == 0:
@@ -168,6 +160,7 @@ class EquilibriumProp(Estimator):
             return jnp.mean(jax.vmap(per_example)(states, x, y))
 
         grads = eqx.filter_grad(surrogate)(model)
-        loss, aux = free_phase_summary(model, free, y)
-        aux.update(nudged_stats=nudged_stats, beta=beta)
+        loss, aux = free_phase_summary(model, free, y, nudged)
+        aux.update(beta=beta)
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux

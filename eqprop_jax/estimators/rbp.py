@@ -10,7 +10,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ..adjoints import AbstractAdjoint, Implicit
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch
+from ._batch import check_batch, nan_if_nonfinite, phase_aux
 from .base import Estimator
 
 
@@ -24,11 +24,12 @@ class RecurrentBackprop(Estimator):
     [`eqprop_jax.Unrolled`][]. This is the quantity EP estimates as β → 0 (Scellier &
     Bengio 2019).
 
-    `aux`: "state" (s*, batched), "predictions", "stats" and "result" of the solve.
+    `aux`: "state" (s*, batched), "predictions", "stats" and "result" of the solve
+    (see [`eqprop_jax.estimators.Estimator`][]).
     """
 
     adjoint: AbstractAdjoint = Implicit()
-    solver: AbstractSolver = Picard(tol=1e-6, max_steps=1000)
+    solver: AbstractSolver = Picard(max_steps=1000)
 
     def __check_init__(self):
         if not isinstance(self.adjoint, AbstractAdjoint):
@@ -59,7 +60,7 @@ class RecurrentBackprop(Estimator):
         aux = {
             "state": sol.value,
             "predictions": jax.vmap(model.predict)(sol.value),
-            "stats": sol.stats,
-            "result": sol.result,
+            **phase_aux(sol),
         }
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux

@@ -11,7 +11,8 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.resistive import ResistiveNetwork, local_ep_gradient
 from ..solvers.picard import Picard
-from ._batch import check_batch, free_phase_summary
+from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
+from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator
 
 _NUDGES = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "centered": (-1.0, 1.0)}
@@ -33,8 +34,16 @@ class ResistiveEP(Estimator):
     ½ ΔV²) but needs no autodiff of the energy. The SGD step is Δg = −η ĝ, followed
     by `model.project()` to keep g ≥ 0.
 
+    The −β phase of the centered and negative variants is a negative conductance at
+    each output; past the network's convexity bound
+    ([`eqprop_jax.models.ResistiveNetwork.max_negative_nudge`][]) the nudged power has
+    no minimum and `relax` refuses the nudge with an error naming the output node and
+    the bound (use a smaller β or the positive variant).
+
     `aux`: "state" (free equilibrium, batched), "predictions", "stats" and "result"
-    of the free phase.
+    of the free phase; "nudged_stats" and "nudged_result" of the phases that were
+    relaxed (axes: batch, then phase: (−β, β) centered, the one nudge otherwise); see
+    [`eqprop_jax.estimators.Estimator`][].
     """
 
     beta: float = 1.0
@@ -49,38 +58,45 @@ class ResistiveEP(Estimator):
             raise ValueError(
                 f"ResistiveEP: `variant` must be one of {tuple(_NUDGES)}, got {self.variant!r}."
             )
-        if not isinstance(self.beta, jax.core.Tracer) and float(self.beta) <= 0:
-            raise ValueError(f"ResistiveEP: `beta` must be positive, got {self.beta}.")
-        for name in ("free_steps", "nudged_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ResistiveEP: `{name}` must be a positive integer, got {v!r}.")
+        check_beta("ResistiveEP", self.beta, positive=True)
+        check_steps("ResistiveEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def __call__(
         self, model: ResistiveNetwork, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
         if not isinstance(model, ResistiveNetwork):
             raise TypeError(f"ResistiveEP: needs a ResistiveNetwork, got {type(model).__name__}.")
-        check_batch("ResistiveEP", model, x, y)
+        y = check_batch("ResistiveEP", model, x, y)
         lo, hi = _NUDGES[self.variant]
-        dtype = model.init_state(x[0])[0].dtype
-        b1, b2 = (jnp.asarray(c * self.beta, dtype) for c in (lo, hi))
+        if isinstance(self.beta, jax.core.Tracer):
+            dtype = model.init_state(x[0])[0].dtype
+            beta = checked_beta("ResistiveEP", self.beta, positive=True)
+            b1, b2 = (jnp.asarray(c * beta, dtype) for c in (lo, hi))
+        else:
+            # A concrete β lets `relax` skip the convexity check of a positive nudge.
+            b1, b2 = (c * float(self.beta) for c in (lo, hi))
+        params = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+        if lo < 0 and not any(isinstance(a, jax.core.Tracer) for a in (b1, *params)):
+            # Refuse a non-convex −β phase before any solve runs (`relax` checks again,
+            # and under `jit` it is the only check).
+            model.check_nudge(x, b1)
         free_solver = Picard(tol=0.0, max_steps=self.free_steps)
         nudged_solver = Picard(tol=0.0, max_steps=self.nudged_steps)
 
         def per_example(xi, yi):
             free = model.relax(xi, yi, 0.0, solver=free_solver)
             s0 = jax.lax.stop_gradient(free.value)
+            phases = {
+                c: model.relax(xi, yi, b, s0, solver=nudged_solver)
+                for c, b in ((lo, b1), (hi, b2))
+                if c != 0.0
+            }
+            s1, s2 = (phases[c].value if c in phases else s0 for c in (lo, hi))
+            nudged = stack_phases(*phases.values())
+            return free, nudged, local_ep_gradient(model, xi, s1, s2, b1, b2)
 
-            def nudged(c, b):
-                if c == 0.0:
-                    return s0
-                return model.relax(xi, yi, b, s0, solver=nudged_solver).value
-
-            s1, s2 = nudged(lo, b1), nudged(hi, b2)
-            return free, local_ep_gradient(model, xi, s1, s2, b1, b2)
-
-        free, grads = jax.vmap(per_example)(x, y)
+        free, nudged, grads = jax.vmap(per_example)(x, y)
         grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        loss, aux = free_phase_summary(model, free, y)
+        loss, aux = free_phase_summary(model, free, y, nudged)
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux

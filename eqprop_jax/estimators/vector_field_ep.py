@@ -12,7 +12,8 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..solvers.base import AbstractSolver
 from ..solvers.picard import Picard
-from ._batch import check_batch, free_phase_summary
+from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
+from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator
 
 
@@ -36,13 +37,15 @@ class VectorFieldEP(Estimator):
     s^0, so θ here is whatever μ depends on.
 
     Args:
-        beta: the nudge (nonzero, real).
+        beta: the nudge (real, finite, nonzero).
         variant: "positive" (0, β) or "centered" (−β, β): bias O(β) or O(β²).
         free_steps, nudged_steps: steps of each phase (fixed, as in the papers).
         free_solver, nudged_solver: override the default `Picard(tol=0, max_steps=...)`.
 
     `aux`: "state" (s^0, batched), "predictions", "stats" and "result" of the free
-    phase, "nudged_stats".
+    phase, "nudged_result" and "nudged_stats" (shape (batch, P), the phases at
+    (β) for "positive" and (−β, β) for "centered"); see
+    [`eqprop_jax.estimators.Estimator`][].
     """
 
     beta: float = 0.1
@@ -57,19 +60,13 @@ class VectorFieldEP(Estimator):
             raise ValueError(
                 f"VectorFieldEP: `variant` must be 'positive' or 'centered', got {self.variant!r}."
             )
-        if jnp.iscomplexobj(jnp.asarray(self.beta)):
-            raise TypeError("VectorFieldEP: `beta` must be real.")
-        if not isinstance(self.beta, jax.core.Tracer) and float(self.beta) == 0.0:
-            raise ValueError("VectorFieldEP: `beta` must be nonzero (the update divides by β).")
-        for name in ("free_steps", "nudged_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"VectorFieldEP: `{name}` must be a positive integer, got {v!r}.")
+        check_beta("VectorFieldEP", self.beta)
+        check_steps("VectorFieldEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def __call__(
         self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
-        check_batch("VectorFieldEP", model, x, y)
+        y = check_batch("VectorFieldEP", model, x, y)
         if not callable(getattr(model, "vector_field", None)):
             raise TypeError(
                 f"VectorFieldEP: the model ({type(model).__name__}) must define "
@@ -77,7 +74,7 @@ class VectorFieldEP(Estimator):
             )
         free_solver = self.free_solver or Picard(tol=0.0, max_steps=self.free_steps)
         nudged_solver = self.nudged_solver or Picard(tol=0.0, max_steps=self.nudged_steps)
-        beta = jnp.asarray(self.beta)
+        beta = jnp.asarray(checked_beta("VectorFieldEP", self.beta))
         lo = -beta if self.variant == "centered" else None
 
         def phases(xi, yi):
@@ -85,13 +82,14 @@ class VectorFieldEP(Estimator):
             s0 = lax.stop_gradient(free.value)
             hi = model.relax(xi, yi, beta, s0, solver=nudged_solver)
             if lo is None:
-                s_lo, width = s0, beta
+                s_lo, width, run = s0, beta, (hi,)
             else:
-                s_lo, width = model.relax(xi, yi, lo, s0, solver=nudged_solver).value, 2 * beta
+                low = model.relax(xi, yi, lo, s0, solver=nudged_solver)
+                s_lo, width, run = low.value, 2 * beta, (low, hi)
             ds = jax.tree_util.tree_map(lambda a, b: (a - b) / width, hi.value, s_lo)
-            return free, lax.stop_gradient(ds), hi.stats
+            return free, lax.stop_gradient(ds), stack_phases(*run)
 
-        free, ds, nudged_stats = jax.vmap(phases)(x, y)
+        free, ds, nudged = jax.vmap(phases)(x, y)
         s0 = lax.stop_gradient(free.value)
 
         def surrogate(m):
@@ -108,8 +106,8 @@ class VectorFieldEP(Estimator):
             return -jnp.mean(jax.vmap(per_example)(s0, x, ds))
 
         grads = eqx.filter_grad(surrogate)(model)
-        loss, aux = free_phase_summary(model, free, y)
-        aux.update(nudged_stats=nudged_stats)
+        loss, aux = free_phase_summary(model, free, y, nudged)
+        loss, grads = nan_if_nonfinite(loss, grads, aux)
         return loss, grads, aux
 
 

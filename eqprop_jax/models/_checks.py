@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 
@@ -22,7 +23,8 @@ def check_classifier_input(
     `x` must be real floating point of shape `in_shape` (with a leading batch axis
     when `batched`) and free of NaN/inf; `y` holds integer labels in
     [0, n_outputs) or float targets of size `n_outputs`. Values are checked only
-    when concrete (outside `jit`); estimators call this eagerly.
+    when concrete (with NumPy, so that concrete arrays closed over by a `jit`-ted
+    function are checked too); estimators call this before tracing.
     """
     x_shape = tuple(jnp.shape(x))
     want = ("batch", *in_shape) if batched else tuple(in_shape)
@@ -35,7 +37,7 @@ def check_classifier_input(
             f"{who}: input x must be real floating point, got {jnp.result_type(x)} "
             "(scale images to [0, 1] floats first)."
         )
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
         raise ValueError(f"{who}: input x contains NaN or inf.")
     if y is None:
         return
@@ -48,7 +50,7 @@ def check_classifier_input(
                 f"got {y_shape}."
             )
         if not isinstance(y, jax.core.Tracer) and jnp.size(y):
-            lo, hi = int(jnp.min(y)), int(jnp.max(y))
+            lo, hi = int(np.min(np.asarray(y))), int(np.max(np.asarray(y)))
             if lo < 0 or hi >= n_outputs:
                 raise ValueError(
                     f"{who}: labels out of range: y spans [{lo}, {hi}] but the model has "

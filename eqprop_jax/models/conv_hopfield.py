@@ -287,6 +287,11 @@ class ConvHopfield(EnergyModel):
         return self.fc_weight.shape[0]
 
     @property
+    def n_outputs(self) -> int:
+        """Number of classes (the name every model shares; estimators check labels with it)."""
+        return self.n_out
+
+    @property
     def layer_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Shapes of the state's layers (the output layer last when the cost is MSE)."""
         shapes = []

@@ -222,6 +222,11 @@ class LayeredNet(eqx.Module):
     def num_layers(self) -> int:
         return len(self.forward)
 
+    @property
+    def n_outputs(self) -> int:
+        """Number of classes (the name every model shares; estimators check labels with it)."""
+        return self.shapes[-1][0]
+
     def activations(self, x: Array) -> tuple[list[Array], list[Any]]:
         """Forward pass of one example: ([s_0, ..., s_N], [ctx_1, ..., ctx_N])."""
         states, ctxs = [x], []

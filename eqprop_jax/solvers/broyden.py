@@ -6,7 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .base import AbstractSolver, FlatFn, _check_positive_int
+from .. import _checks
+from .base import AbstractSolver, FlatFn
 
 
 class _BroydenState(eqx.Module):
@@ -40,6 +41,22 @@ class Broyden(AbstractSolver):
     vanishing or non-finite denominator are skipped, and a non-finite step falls
     back to plain iteration.
 
+    With `tol = rtol = 0` (a fixed-step solve, see [`eqprop_jax.AbstractSolver`][])
+    Broyden often stops before `max_steps`, with status `converged`: it solves a
+    small or nearly linear problem to the last bit (e.g. in 5 steps in float32),
+    and once f(z) = z holds exactly no further step could change z.
+
+    There is no line search and no step size (jaxopt's `Broyden` has both, with
+    B₀ = γ I): starting from B₀ = -I makes the first step, and every step right
+    after a memory restart, a plain fixed-point step, which already decreases the
+    residual of a contraction, and quasi-Newton directions for a nonsymmetric
+    Jacobian are not descent directions of ‖g‖² in general, so a backtracking
+    search on it can fail where the full step converges. For a map that is not a
+    contraction use [`eqprop_jax.Newton`][] or [`eqprop_jax.root_find`][]; for
+    differentiating the iterations, [`eqprop_jax.Unrolled`][] differentiates this
+    solver directly (jaxopt needs a fixed step size there, as it cannot
+    differentiate through its line search).
+
     Args:
         history: rank-one updates kept (>= 1); when full, the memory restarts from
             B = -I.
@@ -50,7 +67,7 @@ class Broyden(AbstractSolver):
 
     def __check_init__(self):
         super().__check_init__()
-        _check_positive_int("history", self.history)
+        _checks.positive_int("Broyden", "history", self.history)
 
     def init(self, z: Float[Array, " d"], fz: Float[Array, " d"]) -> _BroydenState:
         hist = jnp.zeros((self.history,) + z.shape, z.dtype)

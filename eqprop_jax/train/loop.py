@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -18,76 +16,49 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 from jaxtyping import Array, PyTree
 
-from .._ragged import batch_compaction
 from ..data import Dataset
-from ..data.batching import batch_indices, epoch_order, random_crop_flip, steps_per_epoch
-from .checkpoint import (
+from ..data.batching import batch_indices, epoch_order, steps_per_epoch
+from . import distributed
+from .checkpoint import CHECKPOINT, Checkpointer, model_fingerprint
+from .config import TrainConfig
+from .errors import (
     CheckpointError,
-    load_checkpoint,
-    model_fingerprint,
-    read_info,
-    save_checkpoint,
+    Collapsed,
+    Interrupted,
+    NonFiniteLoss,
+    NonFiniteWarning,
+    OutputError,
+    TrainingError,
+    TrainingWarning,
 )
-from .optim import make_optimizer
+from .evaluate import evaluate
+from .metrics import METRICS, MetricsWriter
+from .optim import OptimizerSettings
+from .per_device import PerDevice
 from .progress import Progress
 from .sharding import batch_mesh, replicate, shard_batch
+from .state import TrainState
+from .statuses import status_fractions
+from .step import REFUSED, make_train_step
 
-CHECKPOINT = "checkpoint.npz"
-METRICS = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training stopped; the message says why and what was kept on disk."""
-
-
-class NonFiniteLoss(TrainingError):
-    """The loss or the gradients became NaN or infinite."""
-
-
-class Interrupted(TrainingError):
-    """SIGINT/SIGTERM arrived; a checkpoint of the state at the last full step was written."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of a run (see [`make_optimizer`][] for the optimiser fields).
-
-    `max_steps_per_epoch` and `eval_limit` shorten epochs and evaluation for quick
-    checks; `eval_solver` overrides the model's own relaxation at evaluation;
-    `augment` applies random crop and flip (NHWC images, NCHW with `channels_first`);
-    `shard` spreads each batch over all local devices when there is more than one.
-    """
-
-    epochs: int = 10
-    batch_size: int = 32
-    seed: int = 0
-    lr: float | Sequence[float] | Mapping[str, float] = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    frozen: str | None = None
-    augment: bool = False
-    channels_first: bool = False
-    eval_batch_size: int = 500
-    eval_solver: Any = None
-    max_steps_per_epoch: int | None = None
-    eval_limit: int | None = None
-    shard: bool = True
-    progress: bool | None = None
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}.")
+__all__ = [
+    "CHECKPOINT",
+    "METRICS",
+    "CheckpointError",
+    "Collapsed",
+    "Interrupted",
+    "NonFiniteLoss",
+    "OutputError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "evaluate",
+    "fit",
+    "make_train_step",
+]
 
 
 @dataclasses.dataclass
@@ -96,192 +67,6 @@ class TrainResult:
     opt_state: PyTree
     history: list[dict]
     summary: str
-
-
-def _tree_all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _project(model):
-    """Keep a model in its admissible set after an update (e.g. conductances >= 0)."""
-    for name in ("project", "clip_conductances"):
-        fn = getattr(model, name, None)
-        if callable(fn):
-            return fn()
-    return model
-
-
-def _fill_missing(grads: PyTree, params: PyTree) -> PyTree:
-    """Zeros where an estimator returns no gradient for a trainable array."""
-    return jtu.tree_map(
-        lambda p, g: g if p is None or g is not None else jnp.zeros_like(p),
-        params,
-        grads,
-        is_leaf=lambda x: x is None,
-    )
-
-
-class _StepSpec(eqx.Module):
-    """What a training step closes over; hashable, so equal specs share one compilation."""
-
-    estimator: Any
-    tx: Any = eqx.field(static=True)
-    augment: bool = eqx.field(static=True)
-    channels_first: bool = eqx.field(static=True)
-    compaction: bool = eqx.field(static=True, default=True)
-
-
-@eqx.filter_jit(donate="all-except-first")
-def _train_step(spec: _StepSpec, model, opt_state, x, y, key):
-    with batch_compaction(spec.compaction):  # static, so part of the jit cache key
-        return _train_step_body(spec, model, opt_state, x, y, key)
-
-
-def _train_step_body(spec: _StepSpec, model, opt_state, x, y, key):
-    estimator = spec.estimator
-    k_aug, k_pre, k_est = jax.random.split(key, 3)
-    if spec.augment:
-        x = random_crop_flip(k_aug, x, channels_first=spec.channels_first)
-    new = estimator.pre_step(model, x, y, key=k_pre)
-    loss, grads, _ = estimator(new, x, y, key=k_est)
-    params = eqx.filter(new, eqx.is_inexact_array)
-    grads = _fill_missing(grads, params)
-    ok = jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(params)
-    updates, new_opt = spec.tx.update(grads, opt_state, params)
-    new = _project(eqx.apply_updates(new, updates))
-    keep = lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a
-    model = jtu.tree_map(keep, new, model)
-    opt_state = jtu.tree_map(keep, new_opt, opt_state)
-    return model, opt_state, loss, ok
-
-
-def make_train_step(
-    estimator,
-    tx,
-    *,
-    augment: bool = False,
-    channels_first: bool = False,
-    compaction: bool = True,
-) -> Callable:
-    """`model, opt_state, loss, ok = step(model, opt_state, x, y, key)`, jitted once.
-
-    One step: the estimator's `pre_step` (e.g. DTP's feedback training), the
-    gradient estimate, the optax update, then projection onto the model's admissible
-    set. If the loss or any gradient is NaN/inf the old model and optimiser state are
-    returned unchanged and `ok` is False. The model, optimiser state and batch are
-    donated (the caller must not reuse them). `compaction=False` steps vmapped
-    solves in lockstep (see [`eqprop_jax.batch_compaction`][]): what a batch
-    sharded over several devices needs.
-    """
-    spec = _StepSpec(estimator, tx, augment, channels_first, compaction)
-    return lambda model, opt_state, x, y, key: _train_step(spec, model, opt_state, x, y, key)
-
-
-# Optimisers by settings and parameter layout: the same settings give the same `tx`
-# object, so a resumed or repeated run in one process reuses the compiled step.
-_TX_CACHE: dict = {}
-
-
-def _optimizer(params, cfg: TrainConfig, total_steps: int, spe: int):
-    leaves = jtu.tree_leaves_with_path(params)
-    layout = (
-        jtu.tree_structure(params),
-        tuple((jtu.keystr(p), a.shape, str(a.dtype)) for p, a in leaves),
-    )
-    lr = cfg.lr if not isinstance(cfg.lr, Mapping) else tuple(cfg.lr.items())
-    lr = tuple(lr) if isinstance(lr, list) else lr
-    settings = (
-        lr,
-        cfg.optimizer,
-        cfg.momentum,
-        cfg.weight_decay,
-        cfg.schedule,
-        total_steps if cfg.schedule != "constant" else None,
-        cfg.warmup_epochs * spe,
-        cfg.frozen,
-    )
-    key = (layout, settings)
-    if key not in _TX_CACHE:
-        if len(_TX_CACHE) > 32:
-            _TX_CACHE.clear()
-        _TX_CACHE[key] = make_optimizer(
-            params,
-            lr=cfg.lr,
-            optimizer=cfg.optimizer,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            schedule=cfg.schedule,
-            total_steps=total_steps,
-            warmup_steps=cfg.warmup_epochs * spe,
-            frozen=cfg.frozen,
-        )
-    return _TX_CACHE[key]
-
-
-def _predict_one(model, x, y, solver):
-    """Class scores and loss of one example at the model's free equilibrium."""
-    relax = getattr(model, "relax", None)
-    if relax is None:
-        logits = model(x)
-        logp = jax.nn.log_softmax(logits)
-        return logits, -logp[y]
-    sol = relax(x, y, 0.0) if solver is None else relax(x, y, 0.0, solver=solver)
-    return model.predict(sol.value), model.loss(sol.value, y)
-
-
-def _eval_counts(model, x, y, mask, solver):
-    logits, loss = jax.vmap(_predict_one, in_axes=(None, 0, 0, None))(model, x, y, solver)
-    correct = (jnp.argmax(jnp.real(logits), axis=-1) == y) & mask
-    return jnp.sum(correct), jnp.sum(jnp.where(mask, jnp.real(loss), 0.0))
-
-
-@eqx.filter_jit
-def _eval_batch(model, x, y, mask, solver, compaction: bool):
-    with batch_compaction(compaction):  # a Python bool: static, in the cache key
-        return _eval_counts(model, x, y, mask, solver)
-
-
-def evaluate(
-    model: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    batch_size: int = 500,
-    solver: Any = None,
-    mesh=None,
-    progress: bool | None = None,
-) -> dict[str, float]:
-    """Accuracy and mean loss over (x, y), each example relaxed by the model itself
-    (`model.relax(x, y, beta=0)` then `predict`; plain `model(x)` for feedforward nets).
-
-    Batches have one static shape (the last one is padded and masked), so this
-    compiles once.
-    """
-    n = len(x)
-    if mesh is not None:
-        d = mesh.devices.size
-        batch_size = max(d, batch_size // d * d)
-    batch_size = min(batch_size, n) if mesh is None else batch_size
-    correct, total_loss = 0, 0.0
-    bar = Progress(math.ceil(n / batch_size), "eval", enabled=progress)
-    for start in range(0, n, batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        m = len(xb)
-        mask = np.arange(batch_size) < m
-        if m < batch_size:
-            xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - m, 0)])
-            yb = np.concatenate([yb, np.repeat(yb[:1], batch_size - m, 0)])
-        batch = (jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(mask))
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
-        # A sharded batch is stepped in lockstep: see eqprop_jax.batch_compaction.
-        c, s = _eval_batch(model, *batch, solver, mesh is None)
-        correct += int(c)
-        total_loss += float(s)
-        bar.update()
-    bar.close()
-    return {"accuracy": correct / n, "loss": total_loss / n}
 
 
 class _SignalFlag:
@@ -305,226 +90,346 @@ class _SignalFlag:
             signal.signal(sig, old)
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays fixed during a run: data, schedule, keys, compiled step, sharding."""
+
+    cfg: TrainConfig
+    data: Dataset
+    x_test: np.ndarray
+    y_test: np.ndarray
+    steps_per_epoch: int
+    data_key: Array
+    step_key: Array
+    train_step: Callable
+    mesh: Any
+    fingerprint: str
+    description: str
+    log: Callable[[str], None]
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainState]:
+    """Check every input, then build the optimiser, the first state and the step."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}.")
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be an eqprop_jax.data.Dataset, got {type(data).__name__}.")
+    if optimizer is not None:
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                "optimizer must be an optax.GradientTransformation, got "
+                f"{type(optimizer).__name__}."
+            )
+        if cfg.changed_optimizer_fields():
+            raise ValueError(
+                "give the optimiser either as `optimizer` or as TrainConfig settings, not both: "
+                f"TrainConfig sets {', '.join(cfg.changed_optimizer_fields())}."
+            )
+    if not callable(getattr(estimator, "pre_step", None)) or not callable(estimator):
+        raise TypeError(
+            f"estimator must be an eqprop_jax Estimator, got {type(estimator).__name__}."
+        )
+    x_test, y_test = data.x_test, data.y_test
+    if cfg.eval_limit is not None:
+        x_test, y_test = x_test[: cfg.eval_limit], y_test[: cfg.eval_limit]
+    spe = steps_per_epoch(len(data.x_train), cfg.batch_size, cfg.max_steps_per_epoch)
+    _check_model(model, data, cfg)
+    root = jax.random.PRNGKey(cfg.seed)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    tx = cfg.optimizer_settings(spe) if optimizer is None else optimizer
+    opt_state = (tx(params) if isinstance(tx, OptimizerSettings) else tx).init(params)
+    # The step donates its buffers: work on copies so the caller's model stays usable.
+    model = jtu.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
+    state = TrainState.start(model, opt_state)
+    mesh = None
+    if jax.process_count() > 1:  # several processes: one global batch over every device
+        mesh = distributed.global_mesh()
+        if cfg.batch_size % jax.device_count():
+            raise ValueError(
+                f"batch size {cfg.batch_size} is not divisible by the {jax.device_count()} "
+                f"devices of the {jax.process_count()} processes."
+            )
+        state.place(lambda tree: distributed.replicate_global(tree, mesh))
+    elif cfg.shard and len(jax.local_devices()) > 1:
+        mesh = batch_mesh()
+        if cfg.batch_size % mesh.devices.size:
+            raise ValueError(
+                f"batch size {cfg.batch_size} is not divisible by the {mesh.devices.size} "
+                "local devices; change it or train on one device (`shard=False`)."
+            )
+        state.place(lambda tree: replicate(tree, mesh))
+    else:
+        # Committed to one device from the first step on, so that every step (and a
+        # resumed run's) sees the same placement and reuses one compilation.
+        device = jax.local_devices()[0]
+        state.place(lambda tree: jax.device_put(tree, device))
+    fingerprint, description = model_fingerprint(state.model)
+    # With the batch over several devices, each device runs the estimator on its own
+    # slice under shard_map, so its solves compact that slice (jit's GSPMD sharding
+    # alone would replicate the compacted buckets: see eqprop_jax.batch_compaction).
+    step = make_train_step(
+        estimator if mesh is None else PerDevice(estimator, mesh),
+        tx,
+        augment=cfg.augment,
+        channels_first=cfg.channels_first,
+    )
+    keys = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    run = _Run(cfg, data, x_test, y_test, spe, *keys, step, mesh, fingerprint, description, log)
+    return run, state
+
+
+def _check_model(model, data: Dataset, cfg: TrainConfig) -> None:
+    """The model must be finite and able to take the data, before any step."""
+    for path, a in jtu.tree_leaves_with_path(eqx.filter(model, eqx.is_inexact_array)):
+        if not bool(jnp.all(jnp.isfinite(a))):
+            raise ValueError(f"the model's array {jtu.keystr(path)} holds NaN or inf values.")
+    n_out = getattr(model, "n_outputs", None)
+    if isinstance(n_out, int) and data.num_classes > n_out:
+        raise ValueError(
+            f"{data.name} has {data.num_classes} classes but the model has {n_out} outputs."
+        )
+    check = getattr(model, "check_input", None)
+    if callable(check):
+        check(
+            jnp.asarray(data.x_train[: cfg.batch_size]), jnp.asarray(data.y_train[: cfg.batch_size])
+        )
 
 
 def fit(
     model: Any,
     estimator: Any,
     data: Dataset,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
-    out_dir: str | os.PathLike | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    out_dir=None,
     resume: bool = False,
     log: Callable[[str], None] = print,
     run_info: dict | None = None,
 ) -> TrainResult:
     """Train `model` with `estimator` on `data` and return the trained model.
 
+    The optimiser is built from `config`'s settings, or is `optimizer` (any optax
+    transformation; then `config` must leave its optimiser fields at their defaults).
     Each step draws its batch from an epoch order fixed by (seed, epoch) and its
     randomness from fold_in(key, step), so a run resumed from a checkpoint follows
-    exactly the same trajectory as an uninterrupted one. With `out_dir`, after every
-    epoch a metrics line is appended to `metrics.jsonl` and `checkpoint.npz` is
-    rewritten atomically; SIGINT/SIGTERM write a checkpoint at the last complete step
-    and raise [`Interrupted`][]. A NaN/inf loss raises [`NonFiniteLoss`][] without
-    touching the last checkpoint.
+    exactly the same trajectory as an uninterrupted one.
+
+    With `out_dir` (locked against a second run while this one lives), after every
+    epoch a row is written to `metrics.jsonl`, the curves to `curves.png`, and a
+    finite `checkpoint.npz` atomically. SIGINT/SIGTERM write a checkpoint at the last
+    complete step and raise [`Interrupted`][]. A step whose loss, gradients or
+    updated state are NaN/inf is not applied and raises [`NonFiniteLoss`][]; test
+    accuracy falling back to chance raises [`Collapsed`][]; neither touches the last
+    checkpoint. Each epoch's row records the fractions of relaxation phases that
+    converged, hit max_steps, diverged or went non-finite; a [`NonFiniteWarning`][]
+    is issued for an epoch with non-finite phases.
     """
-    cfg = config
-    x_train, y_train = data.x_train, data.y_train
-    x_test, y_test = data.x_test, data.y_test
-    if cfg.eval_limit is not None:
-        x_test, y_test = x_test[: cfg.eval_limit], y_test[: cfg.eval_limit]
-    check = getattr(model, "check_input", None)
-    if callable(check):
-        check(jnp.asarray(x_train[: cfg.batch_size]), jnp.asarray(y_train[: cfg.batch_size]))
-
-    n = len(x_train)
-    spe = steps_per_epoch(n, cfg.batch_size, cfg.max_steps_per_epoch)
-    total_steps = cfg.epochs * spe
-    root = jax.random.PRNGKey(cfg.seed)
-    data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-
-    params = eqx.filter(model, eqx.is_inexact_array)
-    tx = _optimizer(params, cfg, total_steps, spe)
-    opt_state = tx.init(params)
-    # The step donates its buffers: work on copies so the caller's model stays usable.
-    model = jtu.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
-
-    mesh = None
-    if cfg.shard and len(jax.local_devices()) > 1:
-        mesh = batch_mesh()
-        if cfg.batch_size % mesh.devices.size:
-            raise ValueError(
-                f"batch size {cfg.batch_size} is not divisible by the {mesh.devices.size} "
-                "local devices; change it or train on one device (shard=False)."
+    config = TrainConfig() if config is None else config
+    if not distributed.is_primary():  # process 0 alone writes and logs
+        log = _quiet
+    run, state = _prepare(model, estimator, data, config, optimizer, log)
+    primary_dir = out_dir if distributed.is_primary() else None
+    ckpt, metrics = Checkpointer(primary_dir), MetricsWriter(primary_dir, log=log)
+    # Every process restores from the shared checkpoint; only process 0 writes it.
+    reader = Checkpointer(out_dir)
+    history: list[dict] = []
+    t_start = time.perf_counter()
+    with ckpt, _SignalFlag() as signals:
+        if not resume:
+            ckpt.refuse_overwrite()
+        if resume and reader.exists():
+            arrays, info = reader.restore(
+                state.arrays,
+                fingerprint=run.fingerprint,
+                description=run.description,
+                expect={
+                    "seed": config.seed,
+                    "steps_per_epoch": run.steps_per_epoch,
+                    "batch_size": config.batch_size,
+                },
             )
-        model, opt_state = replicate((model, opt_state), mesh)
+            state.restore(*arrays, info)
+            history = MetricsWriter(out_dir, log=log).read(upto_epoch=state.epoch)
+            log(f"resuming from {reader.path}: epoch {state.epoch}, step {state.step}")
+        else:
+            if resume and out_dir is not None:
+                log(f"no checkpoint in {ckpt.folder}; starting a new run")
+            if run_info is not None:
+                metrics.write_run_info(run_info)
+        try:
+            for _ in range(state.epoch, config.epochs):
+                t_epoch = time.perf_counter()
+                _train_epoch(run, state, ckpt, signals)
+                row = _epoch_row(run, state, t_epoch)
+                history.append(row)
+                metrics.write(history)
+                _check_progress(run, history, ckpt)
+                state.next_epoch()
+                ckpt.save(state.arrays, _checkpoint_info(run, state))
+        finally:
+            metrics.plot(history)
+    summary = _summary(run, history, state.step, time.perf_counter() - t_start, ckpt.folder)
+    log(summary)
+    return TrainResult(state.model, state.opt_state, history, summary)
 
-    fingerprint, description = model_fingerprint(model)
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt = out / CHECKPOINT if out is not None else None
-    start_epoch, position, step, loss_sum, history = 0, 0, 0, 0.0, []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt.exists() and not resume:
-            info = read_info(ckpt)
-            raise TrainingError(
-                f"{out} already holds a checkpoint (epoch {info.get('epoch')}, step "
-                f"{info.get('step')}); pass --resume to continue that run, or choose another "
-                "--out folder. Nothing was overwritten."
-            )
-        if resume and ckpt.exists():
-            (model, opt_state), info = load_checkpoint(
-                ckpt, (model, opt_state), fingerprint=fingerprint, description=description
-            )
-            if info.get("seed") != cfg.seed:
-                raise CheckpointError(
-                    f"checkpoint {ckpt} was written by a run with seed {info.get('seed')}; this "
-                    f"run has seed {cfg.seed}. Resume with --seed {info.get('seed')}."
-                )
-            if info.get("steps_per_epoch") != spe or info.get("batch_size") != cfg.batch_size:
-                raise CheckpointError(
-                    f"checkpoint {ckpt} was written with {info.get('steps_per_epoch')} steps of "
-                    f"{info.get('batch_size')} examples per epoch; this run has {spe} of "
-                    f"{cfg.batch_size}. Resume with the same settings."
-                )
-            start_epoch, position = info["epoch"], info["position"]
-            step, loss_sum = info["step"], info["loss_sum"]
-            history = [r for r in _read_metrics(out / METRICS) if r["epoch"] <= start_epoch]
-            log(f"resuming from {ckpt}: epoch {start_epoch}, step {step}")
-        elif resume:
-            log(f"no checkpoint in {out}; starting a new run")
-        if run_info is not None and not (resume and ckpt.exists()):
-            (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
 
-    def checkpoint(epoch, pos):
-        if ckpt is None:
-            return
-        save_checkpoint(
-            ckpt,
-            (model, opt_state),
-            {
-                "epoch": epoch,
-                "position": pos,
-                "step": step,
-                "loss_sum": loss_sum,
-                "seed": cfg.seed,
-                # The keys of the data order and of the steps derive from this one.
-                "key": np.asarray(root).tolist(),
-                "batch_size": cfg.batch_size,
-                "steps_per_epoch": spe,
-                "fingerprint": fingerprint,
-                "model": description,
-            },
+def _quiet(_: str) -> None:
+    pass
+
+
+def _train_epoch(run: _Run, state: TrainState, ckpt: Checkpointer, signals: _SignalFlag) -> None:
+    cfg, spe = run.cfg, run.steps_per_epoch
+    order = epoch_order(run.data_key, state.epoch, len(run.data.x_train))
+    bar = Progress(spe, f"epoch {state.epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
+    bar.update(state.position)
+    for pos in range(state.position, spe):
+        idx = batch_indices(order, pos, cfg.batch_size)
+        if jax.process_count() > 1:  # each process loads its own rows of the batch
+            idx = idx[distributed.process_rows(cfg.batch_size)]
+            batch = distributed.global_batch((run.data.x_train[idx], run.data.y_train[idx]),
+                                             run.mesh)
+        else:
+            batch = (jnp.asarray(run.data.x_train[idx]), jnp.asarray(run.data.y_train[idx]))
+            if run.mesh is not None:
+                batch = shard_batch(batch, run.mesh)
+        key = jax.random.fold_in(run.step_key, state.step)
+        state.model, state.opt_state, state.phase_counts, loss, flag = run.train_step(
+            state.model, state.opt_state, state.phase_counts, *batch, key
+        )
+        # One small read per step, so that a refused update stops the run at once.
+        loss, flag = jax.device_get((loss, flag))
+        if flag:
+            bar.close()
+            raise NonFiniteLoss(
+                f"{REFUSED[int(flag)]} (loss = {float(loss)}) at epoch {state.epoch + 1}, step "
+                f"{state.step + 1}: the update was not applied; training stopped and "
+                f"{ckpt.last_good()}. Lower the learning rate or β, or check the data."
+            )
+        state.step, state.position = state.step + 1, pos + 1
+        state.loss_sum += float(loss)
+        bar.update(loss=float(loss))
+        if signals.signum is not None:
+            bar.close()
+            ckpt.save(state.arrays, _checkpoint_info(run, state))
+            where = f"; checkpoint written to {ckpt.path}" if ckpt.path is not None else ""
+            raise Interrupted(
+                f"interrupted by {signal.Signals(signals.signum).name} at epoch "
+                f"{state.epoch + 1}, step {state.step}{where} (continue with `resume=True`).",
+                signals.signum,
+            )
+    bar.close()
+
+
+def _epoch_row(run: _Run, state: TrainState, t_epoch: float) -> dict:
+    """Evaluate, then the metrics row of the epoch that just ended (and its log line)."""
+    cfg = run.cfg
+    train_time = time.perf_counter() - t_epoch
+    model, mesh = state.model, run.mesh
+    if jax.process_count() > 1:
+        # Every process evaluates the whole test set on its own first device, from its
+        # copy of the replicated model: the same figures everywhere, no collectives.
+        model = jtu.tree_map(
+            lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, model
+        )
+        mesh = None
+    test = evaluate(
+        model,
+        run.x_test,
+        run.y_test,
+        batch_size=cfg.eval_batch_size,
+        solver=cfg.eval_solver,
+        mesh=mesh,
+        progress=cfg.progress and distributed.is_primary(),
+    )
+    counts = state.take_epoch_counts()
+    epoch = state.epoch + 1
+    row = {
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": state.loss_sum / run.steps_per_epoch,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_nonfinite": test["nonfinite"],
+        **status_fractions(counts),
+        "train_time_s": round(train_time, 3),
+        "epoch_time_s": round(time.perf_counter() - t_epoch, 3),
+    }
+    run.log(
+        f"epoch {epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
+        f"test loss {row['test_loss']:.4f}  test acc {100 * row['test_accuracy']:.2f}%  "
+        f"({row['epoch_time_s']:.1f} s)"
+    )
+    if counts[3]:
+        warnings.warn(
+            f"epoch {epoch}: {100 * row['phase_nonfinite']:.2f}% of the relaxation phases "
+            f"({int(counts[3])} of {int(counts.sum())}) ended with NaN or inf states; their "
+            "examples gave no useful gradient.",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+    if test["nonfinite"]:
+        warnings.warn(
+            f"epoch {epoch}: {100 * test['nonfinite']:.2f}% of the test examples relaxed to NaN "
+            "or inf states (counted as wrong).",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+    return row
+
+
+def _chance_band(run: _Run) -> tuple[float, float, float]:
+    """Chance accuracy p = 1/classes and its binomial spread σ on the test examples."""
+    p = 1.0 / run.data.num_classes
+    return p, math.sqrt(p * (1 - p) / len(run.x_test)), len(run.x_test)
+
+
+def _check_progress(run: _Run, history: list[dict], ckpt: Checkpointer) -> None:
+    """Stop a run whose test accuracy fell back to chance after clearly exceeding it.
+
+    Clearly above: ≥ p + 6σ at some earlier epoch; back at chance: ≤ p + 2σ (p the
+    chance level, σ its binomial spread on the test examples; only with ≥ 50 of them).
+    """
+    p, sigma, n = _chance_band(run)
+    if n < 50 or len(history) < 2:
+        return
+    best = max(r["test_accuracy"] for r in history[:-1])
+    last = history[-1]["test_accuracy"]
+    if best >= p + 6 * sigma and last <= p + 2 * sigma:
+        raise Collapsed(
+            f"test accuracy collapsed to chance at epoch {history[-1]['epoch']}: "
+            f"{100 * last:.2f}% (chance {100 * p:.1f}%) after {100 * best:.2f}% earlier; "
+            f"training stopped and {ckpt.last_good()}. Lower the learning rate."
         )
 
-    # A batch sharded by jit would get its compacted buckets replicated on every
-    # device: step it in lockstep instead (see eqprop_jax.batch_compaction).
-    train_step = make_train_step(
-        estimator,
-        tx,
-        augment=cfg.augment,
-        channels_first=cfg.channels_first,
-        compaction=mesh is None,
-    )
-    t_start = time.perf_counter()
-    with _SignalFlag() as flag:
-        for epoch in range(start_epoch, cfg.epochs):
-            t_epoch = time.perf_counter()
-            order = epoch_order(data_key, epoch, n)
-            bar = Progress(spe, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
-            bar.update(position)
-            for pos in range(position, spe):
-                idx = batch_indices(order, pos, cfg.batch_size)
-                batch = (jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))
-                if mesh is not None:
-                    batch = shard_batch(batch, mesh)
-                key = jax.random.fold_in(step_key, step)
-                model, opt_state, loss, ok = train_step(model, opt_state, *batch, key)
-                loss = float(loss)
-                if not bool(ok):
-                    bar.close()
-                    kept = (
-                        f"the last good checkpoint {ckpt} (epoch {_ckpt_epoch(ckpt)}) is kept"
-                        if ckpt is not None and ckpt.exists()
-                        else "no checkpoint was written"
-                    )
-                    raise NonFiniteLoss(
-                        f"non-finite loss or gradient (loss = {loss}) at epoch {epoch + 1}, "
-                        f"step {step + 1}; training stopped and {kept}. Lower the learning "
-                        "rate or β, or check the data."
-                    )
-                step += 1
-                loss_sum += loss
-                bar.update(loss=loss)
-                if flag.signum is not None:
-                    bar.close()
-                    checkpoint(epoch, pos + 1)
-                    where = f"; checkpoint written to {ckpt}" if ckpt is not None else ""
-                    raise Interrupted(
-                        f"interrupted by {signal.Signals(flag.signum).name} at epoch {epoch + 1}, "
-                        f"step {step}{where} (continue with --resume).",
-                        flag.signum,
-                    )
-            bar.close()
-            train_time = time.perf_counter() - t_epoch
-            metrics = evaluate(
-                model,
-                x_test,
-                y_test,
-                batch_size=cfg.eval_batch_size,
-                solver=cfg.eval_solver,
-                mesh=mesh,
-                progress=cfg.progress,
-            )
-            row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": loss_sum / spe,
-                "test_loss": metrics["loss"],
-                "test_accuracy": metrics["accuracy"],
-                "train_time_s": round(train_time, 3),
-                "epoch_time_s": round(time.perf_counter() - t_epoch, 3),
-            }
-            history.append(row)
-            log(
-                f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
-                f"test loss {row['test_loss']:.4f}  test acc {100 * row['test_accuracy']:.2f}%  "
-                f"({row['epoch_time_s']:.1f} s)"
-            )
-            position, loss_sum = 0, 0.0
-            if out is not None:
-                _write_metrics(out / METRICS, history)
-            checkpoint(epoch + 1, 0)
-    elapsed = time.perf_counter() - t_start
-    summary = _summary(history, step, elapsed, out)
-    log(summary)
-    return TrainResult(model, opt_state, history, summary)
+
+def _checkpoint_info(run: _Run, state: TrainState) -> dict:
+    return {
+        **state.counters(),
+        "seed": run.cfg.seed,
+        # The keys of the data order and of the steps derive from this one.
+        "key": np.asarray(jax.random.PRNGKey(run.cfg.seed)).tolist(),
+        "batch_size": run.cfg.batch_size,
+        "steps_per_epoch": run.steps_per_epoch,
+        "fingerprint": run.fingerprint,
+        "model": run.description,
+    }
 
 
-def _ckpt_epoch(ckpt: Path) -> Any:
-    try:
-        return read_info(ckpt).get("epoch")
-    except CheckpointError:
-        return "?"
-
-
-def _summary(history, steps, elapsed, out) -> str:
+def _summary(run: _Run, history, steps, elapsed, out) -> str:
     if not history:
         return f"done: no epoch to run ({steps} steps so far)."
     last = history[-1]
     best = max(history, key=lambda r: r["test_accuracy"])
+    p, sigma, n = _chance_band(run)
+    if n >= 50 and best["test_accuracy"] <= p + 2 * sigma:
+        warnings.warn(
+            f"test accuracy stayed at chance level ({100 * best['test_accuracy']:.2f}% at best, "
+            f"chance {100 * p:.1f}%): the model did not learn; check the learning rate and the "
+            "data.",
+            TrainingWarning,
+            stacklevel=3,
+        )
     where = f"; outputs in {out}" if out is not None else ""
     return (
         f"done: {last['epoch']} epochs, {steps} steps in {elapsed:.1f} s this session; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -44,6 +46,114 @@ def layer_indices(params: PyTree) -> PyTree[int]:
     return jtu.tree_map_with_path(index, params)
 
 
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def _rate(v, where: str) -> float:
+    if isinstance(v, bool | str | bytes):
+        raise ValueError(f"{where} must be a number, got {v!r}.")
+    if not isinstance(v, int | float):
+        try:
+            v = float(v)  # NumPy and JAX scalars
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {v!r}.") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{where} must be a finite number > 0, got {v!r}.")
+    return float(v)
+
+
+def check_learning_rate(lr, who: str = "lr") -> None:
+    """Refuse a learning rate that is not finite and positive, in any of its forms
+    (one number, one per layer, or a mapping from path patterns to rates)."""
+    if isinstance(lr, Mapping):
+        if not lr:
+            raise ValueError(f"{who} is an empty mapping; give at least a '*' rate.")
+        for k, v in lr.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{who}: keys must be regular expressions (str), got {k!r}.")
+            if k != "*":
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    raise ValueError(f"{who}: {k!r} is not a regular expression ({e}).") from e
+            _rate(v, f"{who}[{k!r}]")
+    elif isinstance(lr, Sequence) and not isinstance(lr, str):
+        if not lr:
+            raise ValueError(f"{who} is an empty sequence; give one rate per layer.")
+        for i, v in enumerate(lr):
+            _rate(v, f"{who}[{i}]")
+    else:
+        _rate(lr, who)
+
+
+def check_optimizer_settings(
+    *, optimizer, momentum, weight_decay, schedule, frozen, who: str = ""
+) -> None:
+    """Refuse unknown names and out-of-range values before any work is done."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown {who}optimizer {optimizer!r}; choose 'sgd', 'nesterov', 'adam' or 'adamw'."
+        )
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown {who}schedule {schedule!r}; choose 'constant' or 'cosine'.")
+    for name, v, hi in (("momentum", momentum, 1.0), ("weight_decay", weight_decay, math.inf)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (0 <= v < hi):
+            bound = "[0, 1)" if hi == 1.0 else "a finite number >= 0"
+            raise ValueError(f"{who}{name} must lie in {bound}, got {v!r}.")
+    if frozen is not None:
+        try:
+            re.compile(frozen)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"{who}frozen must be a regular expression, got {frozen!r}.") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The arguments of [`make_optimizer`][] as one hashable value.
+
+    A jitted step that holds these settings as a static field, rather than the optax
+    transformation they build, compiles once for equal settings: a resumed or
+    repeated run in one process reuses its compiled step with no global cache.
+    `lr` is a number, a tuple of per-layer rates, or a tuple of (pattern, rate) pairs.
+    """
+
+    lr: float | tuple
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    total_steps: int | None = None
+    warmup_steps: int = 0
+    frozen: str | None = None
+
+    @classmethod
+    def of(cls, lr, **kw) -> OptimizerSettings:
+        if isinstance(lr, Mapping):
+            lr = tuple((str(k), float(v)) for k, v in lr.items())
+        elif isinstance(lr, Sequence) and not isinstance(lr, str):
+            lr = tuple(float(v) for v in lr)
+        else:
+            lr = float(lr)
+        return cls(lr, **kw)
+
+    def __call__(self, params: PyTree) -> optax.GradientTransformation:
+        lr = self.lr
+        if isinstance(lr, tuple) and lr and isinstance(lr[0], tuple):
+            lr = dict(lr)
+        return make_optimizer(
+            params,
+            lr=lr,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            frozen=self.frozen,
+        )
+
+
 def leaf_paths(params: PyTree) -> PyTree[str]:
     return jtu.tree_map_with_path(lambda p, _: jtu.keystr(p), params)
 
@@ -76,16 +186,16 @@ def make_optimizer(
             `warmup_steps` of linear warm-up).
         frozen: a regular expression; leaves whose path matches get no update.
     """
-    if optimizer not in ("sgd", "nesterov", "adam", "adamw"):
-        raise ValueError(
-            f"unknown optimizer {optimizer!r}; choose 'sgd', 'nesterov', 'adam' or 'adamw'."
-        )
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown schedule {schedule!r}; choose 'constant' or 'cosine'.")
+    check_learning_rate(lr)
+    check_optimizer_settings(
+        optimizer=optimizer,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        frozen=frozen,
+    )
     if schedule == "cosine" and not total_steps:
         raise ValueError("a cosine schedule needs `total_steps`.")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     paths = leaf_paths(params)
     if isinstance(lr, Mapping):
         rules = [(re.compile(k), float(v)) for k, v in lr.items() if k != "*"]

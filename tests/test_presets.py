@@ -1,0 +1,118 @@
+"""The paper presets carry the authors' settings: initialisation, per-layer rates, BPTT
+truncation and the resistive estimator."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqprop_jax.estimators.bptt import BPTT
+from eqprop_jax.presets import cast_floats, get_preset
+from eqprop_jax.train.optim import make_optimizer, trainable
+
+
+def _one_sgd_step_on_unit_gradients(preset, model):
+    """The update each parameter gets from a gradient of ones under the preset's rates."""
+    params = trainable(model)
+    tx = make_optimizer(params, lr=preset.train.lr)
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(ones, tx.init(params), params)
+    return updates
+
+
+def test_p1h_starts_from_pytorch_linear_initialisation():
+    # nn.Linear: weights and biases U(±1/√fan_in); 784→512 and 512→10 here.
+    p = get_preset("ernoult2019-p1h")
+    m = p.model(jax.random.PRNGKey(0), (784,), 10)
+    for w, b in zip(m.weights, m.biases, strict=True):
+        bound = 1 / np.sqrt(w.shape[1])
+        # 400k (resp. 5k) uniform draws come within 2% of the bound.
+        assert 0.98 * bound < float(jnp.max(jnp.abs(w))) <= bound
+        assert 0.9 * bound < float(jnp.max(jnp.abs(b))) <= bound
+        assert float(jnp.std(w)) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    # The same seed gives the same net: EP and BPTT runs start from one initialisation.
+    m2 = p.model(jax.random.PRNGKey(0), (784,), 10)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(m), jax.tree_util.tree_leaves(m2), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "name, shape, rates",
+    [
+        # Authors' --lr_tab runs from the output layer down; ours from the input up.
+        ("ernoult2019-p1h", (784,), {"weights[0]": 0.08, "biases[0]": 0.08, "weights[1]": 0.04}),
+        (
+            "ernoult2019-pconv",
+            (1, 28, 28),
+            {"conv_weights[0]": 0.15, "conv_weights[1]": 0.035, "fc_weight": 0.015},
+        ),
+        # Scellier & Bengio's alphas 0.1/0.05 for C = ‖s−y‖², doubled for ½‖s−y‖².
+        ("scellier2017-1h", (784,), {"weights[0]": 0.2, "weights[1]": 0.1, "biases[1]": 0.1}),
+    ],
+)
+def test_paper_rates_reach_the_layers_the_authors_gave_them_to(name, shape, rates):
+    p = get_preset(name)
+    updates = _one_sgd_step_on_unit_gradients(p, p.model(jax.random.PRNGKey(0), shape, 10))
+    found = {
+        jax.tree_util.keystr(path).lstrip("."): float(-leaf.ravel()[0])
+        for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
+    }
+    for leaf, rate in rates.items():
+        assert found[leaf] == pytest.approx(rate), (leaf, found)
+
+
+def test_p1h_bptt_differentiates_the_last_k_plus_one_steps():
+    # The authors detach the state at t = T − 1 − K: 16 of the 40 steps carry gradient.
+    p = get_preset("ernoult2019-p1h")
+    model = p.model(jax.random.PRNGKey(1), (784,), 10)
+    # Weights ×3 slow the relaxation enough that the first 24 steps still change the
+    # gradient (at ×1 the net settles in fewer than 24 steps, at ×5 it saturates).
+    model = eqx.tree_at(lambda m: m.weights, model, tuple(3 * w for w in model.weights))
+    x = jax.random.uniform(jax.random.PRNGKey(2), (3, 784))
+    y = jnp.array([1, 4, 7])
+
+    def by_hand(m, n_grad):
+        def one(xi, yi):
+            s = m.init_state(xi)
+            for t in range(40):
+                if t == 40 - n_grad:
+                    s = jax.lax.stop_gradient(s)
+                s = m.step(s, xi, yi, 0.0)
+            return m.loss(s, yi)
+
+        return jnp.mean(jax.vmap(one)(x, y))
+
+    est = p.make_estimator("bptt")
+    _, g, _ = est(model, x, y)
+    g16 = eqx.filter_grad(lambda m: by_hand(m, 16))(model)
+    g40 = eqx.filter_grad(lambda m: by_hand(m, 40))(model)
+    leaves = lambda t: jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(t)])
+    err16 = float(jnp.linalg.norm(leaves(g) - leaves(g16)) / jnp.linalg.norm(leaves(g16)))
+    err40 = float(jnp.linalg.norm(leaves(g) - leaves(g40)) / jnp.linalg.norm(leaves(g40)))
+    assert isinstance(est, BPTT) and err16 < 1e-6, err16
+    assert err40 > 1e-3, err40
+
+
+def test_drn_preset_trains_with_the_exact_local_rule():
+    # ResistiveEP's factored rule keeps float32 within 1e-3 of the float64 estimate; the
+    # generic autodiff estimate subtracts ½ΔV² of hundreds of volts and does not.
+    from eqprop_jax.estimators.resistive_ep import ResistiveEP
+
+    p = get_preset("scellier2024-drn-xs")
+    est = p.make_estimator()
+    assert isinstance(est, ResistiveEP) and est.variant == "centered" and est.beta == 1.0
+    model = p.model(jax.random.PRNGKey(0), (784,), 10)
+    x = jax.random.uniform(jax.random.PRNGKey(3), (4, 784))
+    y = jnp.eye(10)[jnp.array([0, 3, 5, 9])]
+    grads = {}
+    for dtype in (jnp.float32, jnp.float64):  # tests run with x64 enabled (conftest)
+        m, xd, yd = cast_floats((model, x, y), dtype)
+        g = jax.tree_util.tree_leaves(eqx.filter_jit(est)(m, xd, yd)[1])
+        assert all(a.dtype == dtype for a in g)
+        grads[dtype] = np.concatenate([np.asarray(a, np.float64).ravel() for a in g])
+    err = np.linalg.norm(grads[jnp.float32] - grads[jnp.float64])
+    err /= np.linalg.norm(grads[jnp.float64])
+    assert err < 1e-3, err
