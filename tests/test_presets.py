@@ -116,3 +116,48 @@ def test_drn_preset_trains_with_the_exact_local_rule():
     err = np.linalg.norm(grads[jnp.float32] - grads[jnp.float64])
     err /= np.linalg.norm(grads[jnp.float64])
     assert err < 1e-3, err
+
+
+def test_scellier2017_dynamics_settle_on_the_box_minimum_of_the_energy():
+    # Regression: the gradient dynamics took ρ'(s) of the hard sigmoid at the clipped
+    # ends from jnp.clip (½ there), so a unit held at 1 by a drive d in (1, 2) stepped
+    # to ½ + d/4 and back forever, and a trained net never settled. Relaxed for long,
+    # every state must be a fixed point and satisfy the box-constrained optimality of
+    # E = ½‖s‖² − Σ ρ(s_{l+1})ᵀW ρ(s_l) − bᵀρ(s): ∂E/∂s = s − d is 0 inside (0, 1),
+    # ≤ 0 at 1 and ≥ 0 at 0.
+    p = get_preset("scellier2017-1h")
+    model = p.model(jax.random.PRNGKey(0), (784,), 10)
+    # Larger weights and biases drive many units past 1, where the bug showed.
+    model = eqx.tree_at(lambda m: m.weights, model, tuple(4 * w for w in model.weights))
+    model = eqx.tree_at(
+        lambda m: m.biases,
+        model,
+        tuple(0.5 + 0 * b for b in model.biases),
+    )
+    x = jax.random.uniform(jax.random.PRNGKey(4), (8, 784))
+
+    @jax.jit
+    def settle(x):
+        def one(xi):
+            s = jax.lax.fori_loop(
+                0, 300, lambda t, s: model.step(s, xi, 0, 0.0), model.init_state(xi)
+            )
+            return s, model.step(s, xi, 0, 0.0)
+
+        return jax.vmap(one)(x)
+
+    s, s_next = settle(x)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s, s_next, strict=True))
+    assert moved < 1e-6, moved
+    h, o = s
+    drive_h = x @ model.weights[0].T + o @ model.weights[1] + model.biases[0]
+    drive_o = h @ model.weights[1].T + model.biases[1]
+    n_top = 0
+    for si, di in ((h, drive_h), (o, drive_o)):
+        g = si - di
+        inner = (si > 1e-6) & (si < 1 - 1e-6)
+        assert float(jnp.max(jnp.abs(jnp.where(inner, g, 0)))) < 1e-4
+        assert float(jnp.max(jnp.where(si >= 1 - 1e-6, g, -1))) <= 1e-4
+        assert float(jnp.min(jnp.where(si <= 1e-6, g, 1))) >= -1e-4
+        n_top += int(jnp.sum((si >= 1 - 1e-6) & (di > 1) & (di < 2)))
+    assert n_top > 0  # the case that used to oscillate is present
