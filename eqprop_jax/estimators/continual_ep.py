@@ -77,7 +77,11 @@ class ContinualEP(Estimator):
         beta = jnp.asarray(self.beta, dtype)
         params, static = eqx.partition(model, eqx.is_inexact_array)
         lr = self.learning_rate
-        if not jax.tree_util.tree_leaves(lr) or jnp.ndim(lr) == 0:
+        # One rate for all: a float or scalar array. (jnp.ndim of a model-shaped tree of
+        # per-layer rates is also 0, so test the tree's structure, not its ndim.)
+        if not jax.tree_util.tree_leaves(lr) or jax.tree_util.treedef_is_leaf(
+            jax.tree_util.tree_structure(lr)
+        ):
             lr = jax.tree_util.tree_map(lambda _: self.learning_rate, params)
 
         def d_f(p, s, b):
