@@ -359,7 +359,11 @@ def time_steps(runs, datasets, args):
         for r in group:
             model = with_adjoint(base.model, make_adjoint(r.backward, args.phantom_k,
                                                           args.phantom_damping))
-            call_args = (model, base.opt_state, x, y, z0, jax.random.key(0))
+            # The optimiser state mirrors the model, static adjoint included: base's
+            # arrays in this run's structure.
+            opt_state = jax.tree.unflatten(jax.tree.structure(r.opt_state),
+                                           jax.tree.leaves(base.opt_state))
+            call_args = (model, opt_state, x, y, z0, jax.random.key(0))
             jax.block_until_ready(r.step(*call_args))  # compiled already; warm the caches
             calls.append((r, call_args))
         times = {r.label: ([], []) for r, _ in calls}
@@ -530,27 +534,36 @@ def main(argv=None):
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     runs, datasets = train_all(args)
+    rows = summarise(runs, args)
+    write(rows, args, started, t0, None)  # kept should the timing below fail
     load_before = os.getloadavg()[0]
     step_times = time_steps(runs, datasets, args)
-    rows = summarise(runs, args)
     for row in rows:
         row["step_ms_cpu"], row["step_ms_wall"] = step_times.get(
             (row["dataset"], row["label"]), (None, None))
         row["step_timing_load"] = load_before
+    write(rows, args, started, t0, load_before)
+    return rows
+
+
+def write(rows, args, started, t0, load_before):
     md = table(rows, args)
+    timing = (
+        f" ms/step: median of {args.time_rounds} interleaved steps per configuration from the "
+        f"same weights and batch (load average {load_before:.1f} when they started)."
+        if load_before is not None else ""
+    )
     head = (
         f"Measured {started} on {machine()} (at the end), {time.perf_counter() - t0:.0f} s in "
-        f"all. ms/step: median of {args.time_rounds} interleaved steps per configuration from "
-        f"the same weights and batch (load average {load_before:.1f} when they started).\n"
+        f"all.{timing}\n"
         f"Settings: {json.dumps({k: v for k, v in vars(args).items() if k != 'data'})}\n"
     )
-    print("\n" + head + "\n" + md)
+    print("\n" + head + "\n" + md, flush=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(head + "\n" + md + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"settings": vars(args), "started": started, "rows": rows}, f, indent=1)
     plots(rows, args.out)
-    return rows
 
 
 if __name__ == "__main__":

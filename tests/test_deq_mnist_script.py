@@ -1,4 +1,4 @@
-"""Smoke test of scripts/deq_mnist.py on random 8x8 data (one backward, warm start, float32)."""
+"""Smoke test of scripts/deq_mnist.py on random 8x8 data (two backwards, warm start, float32)."""
 
 import importlib.util
 import json
@@ -24,12 +24,12 @@ def test_deq_mnist_smoke(tmp_path, float32, monkeypatch):
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "deq_mnist", script)  # its dataclass looks itself up
     spec.loader.exec_module(script)
-    rows = script.main(["--smoke", "--datasets", "mnist", "--backwards", "jfb",
+    rows = script.main(["--smoke", "--datasets", "mnist", "--backwards", "jfb", "phantom",
                         "--jac-weights", "1.0", "--out", str(tmp_path)])
     for name in ("table.md", "results.json", "iterations.png", "angles.png", "accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     by_label = {r["label"]: r for r in rows}
-    assert set(by_label) == {"jfb +JR", "implicit +JR +warm"}
+    assert set(by_label) == {"jfb +JR", "phantom +JR", "implicit +JR +warm"}
     jfb = by_label["jfb +JR"]
     # JFB is not the implicit gradient: its angle to it is positive, and below 90°
     # on this contractive cell (Fung et al.'s descent condition).

@@ -9,7 +9,7 @@ import pytest
 
 from eqprop_jax.estimators.bptt import BPTT
 from eqprop_jax.presets import cast_floats, get_preset
-from eqprop_jax.train.optim import make_optimizer, trainable
+from eqprop_jax.train.optim import layer_indices, make_optimizer, trainable
 
 
 def _one_sgd_step_on_unit_gradients(preset, model):
@@ -116,3 +116,86 @@ def test_drn_preset_trains_with_the_exact_local_rule():
     err = np.linalg.norm(grads[jnp.float32] - grads[jnp.float64])
     err /= np.linalg.norm(grads[jnp.float64])
     assert err < 1e-3, err
+
+
+def test_scellier2017_dynamics_settle_on_the_box_minimum_of_the_energy():
+    # Regression: the gradient dynamics took ρ'(s) of the hard sigmoid at the clipped
+    # ends from jnp.clip (½ there), so a unit held at 1 by a drive d in (1, 2) stepped
+    # to ½ + d/4 and back forever, and a trained net never settled. Relaxed for long,
+    # every state must be a fixed point and satisfy the box-constrained optimality of
+    # E = ½‖s‖² − Σ ρ(s_{l+1})ᵀW ρ(s_l) − bᵀρ(s): ∂E/∂s = s − d is 0 inside (0, 1),
+    # ≤ 0 at 1 and ≥ 0 at 0.
+    p = get_preset("scellier2017-1h")
+    model = p.model(jax.random.PRNGKey(0), (784,), 10)
+    # Larger weights and biases drive many units past 1, where the bug showed.
+    model = eqx.tree_at(lambda m: m.weights, model, tuple(4 * w for w in model.weights))
+    model = eqx.tree_at(
+        lambda m: m.biases,
+        model,
+        tuple(0.5 + 0 * b for b in model.biases),
+    )
+    x = jax.random.uniform(jax.random.PRNGKey(4), (8, 784))
+
+    @jax.jit
+    def settle(x):
+        def one(xi):
+            s = jax.lax.fori_loop(
+                0, 300, lambda t, s: model.step(s, xi, 0, 0.0), model.init_state(xi)
+            )
+            return s, model.step(s, xi, 0, 0.0)
+
+        return jax.vmap(one)(x)
+
+    s, s_next = settle(x)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s, s_next, strict=True))
+    assert moved < 1e-6, moved
+    h, o = s
+    drive_h = x @ model.weights[0].T + o @ model.weights[1] + model.biases[0]
+    drive_o = h @ model.weights[1].T + model.biases[1]
+    n_top = 0
+    for si, di in ((h, drive_h), (o, drive_o)):
+        g = si - di
+        inner = (si > 1e-6) & (si < 1 - 1e-6)
+        assert float(jnp.max(jnp.abs(jnp.where(inner, g, 0)))) < 1e-4
+        assert float(jnp.max(jnp.where(si >= 1 - 1e-6, g, -1))) <= 1e-4
+        assert float(jnp.min(jnp.where(si <= 1e-6, g, 1))) >= -1e-4
+        n_top += int(jnp.sum((si >= 1 - 1e-6) & (di > 1) & (di < 2)))
+    assert n_top > 0  # the case that used to oscillate is present
+
+
+def test_continual_ep_takes_per_layer_rates():
+    # Regression: ContinualEP broadcast `learning_rate` whenever jnp.ndim of it was 0,
+    # which is also true of a model-shaped tree of per-layer rates, so such a tree
+    # (the paper's per-layer η, used by scripts/cep_vf_curves.py) raised a TypeError.
+    from eqprop_jax.estimators.continual_ep import ContinualEP
+    from eqprop_jax.models.hopfield import HopfieldMLP
+
+    model = HopfieldMLP((6, 5, 3), key=jax.random.PRNGKey(0), activation="sigmoid4")
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 6))
+    y = jnp.array([0, 2, 1, 2])
+    layers = layer_indices(trainable(model))
+    eta = 0.05
+
+    def run(lr):
+        est = ContinualEP(beta=0.2, learning_rate=lr, free_steps=20, nudged_steps=5)
+        return est(model, x, y)
+
+    _, g_scalar, _ = run(eta)
+    _, g_tree, _ = run(jax.tree_util.tree_map(lambda i: eta, layers))
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(g_scalar), leaves(g_tree), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Rates η (layer 0) and 3η (layer 1): each leaf moved by its own rate times its
+    # summed increments, θ_K = θ_0 − η_l · grads.
+    rates = jax.tree_util.tree_map(lambda i: (eta, 3 * eta)[i], layers)
+    _, g, aux = run(rates)
+    for t0, tk, gi, r in zip(
+        leaves(trainable(model)),
+        leaves(trainable(aux["model"])),
+        leaves(g),
+        leaves(rates),
+        strict=True,
+    ):
+        np.testing.assert_allclose(tk, t0 - r * gi, rtol=1e-6, atol=1e-9)
+    # Layer 1 took larger steps than under one rate, so its state-dependent increments differ.
+    assert not np.allclose(g.weights[1], g_scalar.weights[1])

@@ -253,12 +253,24 @@ class HopfieldMLP(EnergyModel):
                 d = d - beta * dcost
             return self._rho(d)
         sj = s[j]
-        grad = sj - _derivative(self._rho, sj) * d
+        rng = STATE_RANGE.get(self.activation)
+        clipped = rng is not None and not jnp.iscomplexobj(sj)
+        if clipped:
+            # ρ is linear on the clipped state range, whose closed ends the states reach;
+            # there jnp.clip's derivative is ½, and a unit held at 1 by a drive in (1, 2)
+            # would step to ½ + d/4 and back forever. Take the slope from inside, as the
+            # authors' code does (Theano's clip gradient is 1 on the closed range).
+            lo, hi = rng
+            inside = (sj >= lo) & (sj <= hi)
+            slope = _derivative(self._rho, jnp.full_like(sj, (lo + hi) / 2))
+            d_rho = jnp.where(inside, slope, 0)
+        else:
+            d_rho = _derivative(self._rho, sj)
+        grad = sj - d_rho * d
         if dcost is not None:
             grad = grad + beta * dcost
         new = sj - self.step_size * grad
-        rng = STATE_RANGE.get(self.activation)
-        if rng is not None and not jnp.iscomplexobj(new):
+        if clipped:
             new = jnp.clip(new, *rng)
         return new
 

@@ -333,7 +333,10 @@ class ResistiveNetwork(EnergyModel):
             w = [np.asarray(a, np.float64) for a in self.weights]
             b = [np.asarray(a, np.float64) for a in self.biases]
         else:
-            w, b = self.weights, self.biases
+            # eigh has no half-precision kernels; the bound is checked in at least float32.
+            up = jnp.promote_types(self.weights[0].dtype, jnp.float32)
+            w = [a.astype(up) for a in self.weights]
+            b = [a.astype(up) for a in self.biases]
         lam, vec = xp.linalg.eigh(output_conductance_matrix(w, b, xp))
         return lam[0], xp.argmax(xp.abs(vec[:, 0]))
 

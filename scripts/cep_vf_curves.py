@@ -1,0 +1,169 @@
+"""Continual EP and vector-field EP against EP on MNIST 784-512-10: error and gradient angle.
+
+Trains one method through `eqprop_jax.train.fit`, one epoch at a time (resuming from
+the run's checkpoint), and after every epoch measures, on fixed training batches, the
+angle between the method's update and the implicit gradient of the loss at the free
+fixed point (recurrent backprop, Krylov adjoint, tight solve). Methods:
+
+- `ep`: EP (positive nudge) on the P-1h net (preset `ernoult2019-p1h`'s model);
+- `cep`: continual EP (Ernoult et al. 2020) on the same net: weights move at every
+  nudged step with rate η, the same η as the SGD step (see `ContinualEP`);
+- `vf-<deg>`: vector-field EP (Scellier et al. 2018) on a `VectorFieldMLP` whose
+  feedback weights start at <deg> degrees from the transposed forward ones (0: the
+  symmetric, energy-based case, where VF-EP is EP).
+
+    python scripts/cep_vf_curves.py --method cep --epochs 10 --out /work/runs/cep
+    python scripts/plot_curves.py ... (test error); the angles are in angles.jsonl
+
+Writes `metrics.jsonl` (fit's) and `angles.jsonl` (epoch, angle median/p90 over the
+batches, feedback angle for VF nets) in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqprop_jax.adjoints import Implicit
+from eqprop_jax.data import load_dataset
+from eqprop_jax.estimators.continual_ep import ContinualEP
+from eqprop_jax.estimators.ep import EquilibriumProp
+from eqprop_jax.estimators.rbp import RecurrentBackprop
+from eqprop_jax.estimators.vector_field_ep import VectorFieldEP
+from eqprop_jax.models.vector_field import VectorFieldMLP
+from eqprop_jax.presets import get_preset, to_layout
+from eqprop_jax.solvers.picard import Picard
+from eqprop_jax.train import TrainConfig, fit
+from eqprop_jax.train.optim import layer_indices, trainable
+
+
+def _flat(tree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
+
+
+def build(args, key):
+    """(model, estimator, per-layer learning rates) of a method."""
+    rates = (args.lr_in, args.lr_out)
+    if args.method in ("ep", "cep"):
+        preset = get_preset("ernoult2019-p1h")
+        model = preset.model(key, (784,), 10)
+        if args.method == "ep":
+            est = EquilibriumProp(
+                beta=args.beta, variant="positive", free_steps=args.T, nudged_steps=args.K
+            )
+        else:
+            eta = jax.tree_util.tree_map(lambda i: rates[i], layer_indices(trainable(model)))
+            est = ContinualEP(
+                beta=args.beta, learning_rate=eta, free_steps=args.T, nudged_steps=args.K
+            )
+        return model, est, rates
+    if not args.method.startswith("vf-"):
+        raise SystemExit(f"unknown method {args.method!r}: ep, cep or vf-<degrees>.")
+    angle = float(args.method[3:])
+    model = VectorFieldMLP(
+        (784, 512, 10),
+        key=key,
+        feedback_angle=angle,
+        activation=args.activation,
+        step_size=args.step_size,
+    )
+    est = VectorFieldEP(beta=args.beta, variant="positive", free_steps=args.T, nudged_steps=args.K)
+    # The feedback B_1 carries the output layer down, as W_1ᵀ: it gets W_1's rate.
+    lr = {r"\.weights\[0\]|\.biases\[0\]": args.lr_in, "*": args.lr_out}
+    return model, est, lr
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", required=True, help="ep, cep or vf-<degrees>")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--beta", type=float, default=0.2)
+    p.add_argument("--T", type=int, default=40, help="free steps")
+    p.add_argument("--K", type=int, default=15, help="nudged steps")
+    p.add_argument("--lr-in", type=float, default=0.006, help="input→hidden rate")
+    p.add_argument("--lr-out", type=float, default=0.003, help="hidden→output rate")
+    p.add_argument("--activation", default="sigmoid4", help="VF nets only")
+    p.add_argument("--step-size", type=float, default=0.5, help="VF nets only")
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--angle-batches", type=int, default=20)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-dir", default="/work/shared/data/mnist")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    data = dataclasses.replace(
+        data, x_train=to_layout(data.x_train, "flat"), x_test=to_layout(data.x_test, "flat")
+    )
+    model, est, lr = build(args, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7))
+    reference = RecurrentBackprop(
+        adjoint=Implicit(tol=1e-8, max_steps=200), solver=Picard(tol=1e-10, max_steps=5000)
+    )
+    rng = np.random.default_rng(1000 + args.seed)
+    picks = rng.permutation(len(data.x_train))[: args.angle_batches * args.batch_size]
+    picks = picks.reshape(args.angle_batches, args.batch_size)
+    est_flat = eqx.filter_jit(lambda m, x, y, k: _flat(est(m, x, y, key=k)[1]))
+    ref_flat = eqx.filter_jit(lambda m, x, y: _flat(reference(m, x, y)[1]))
+
+    def angles(m):
+        out = []
+        for i, b in enumerate(picks):
+            x, y = jnp.asarray(data.x_train[b]), jnp.asarray(data.y_train[b])
+            g, r = est_flat(m, x, y, jax.random.PRNGKey(i)), ref_flat(m, x, y)
+            cos = float(g @ r / (jnp.linalg.norm(g) * jnp.linalg.norm(r) + 1e-30))
+            out.append(float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))))
+        return np.asarray(out)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "angles.jsonl"
+    done = len(log.read_text().splitlines()) if log.exists() else 0
+    if done == 0:
+        a = angles(model)
+        row = {
+            "epoch": 0,
+            "angle_median": float(np.median(a)),
+            "angle_p90": float(np.quantile(a, 0.9)),
+        }
+        if isinstance(model, VectorFieldMLP):
+            row["feedback_angles"] = model.feedback_angles()
+        log.write_text(json.dumps(row) + "\n")
+        done = 1
+    info = {"script": "cep_vf_curves.py", "args": vars(args), "started": time.ctime()}
+    for epoch in range(done, args.epochs + 1):
+        cfg = TrainConfig(
+            epochs=epoch,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            lr=lr,
+            eval_solver=Picard(tol=0.0, max_steps=args.T),
+            max_steps_per_epoch=args.max_steps_per_epoch,
+            progress=False,
+        )
+        result = fit(model, est, data, cfg, out_dir=out, resume=epoch > 1, run_info=info)
+        a = angles(result.model)
+        row = {
+            "epoch": epoch,
+            "angle_median": float(np.median(a)),
+            "angle_p90": float(np.quantile(a, 0.9)),
+        }
+        if isinstance(result.model, VectorFieldMLP):
+            row["feedback_angles"] = result.model.feedback_angles()
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"epoch {epoch}: angle to the implicit gradient {row}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
