@@ -23,6 +23,8 @@ import pytest
 
 import eqprop_jax as eqp
 
+from .compiled import once
+
 LAM = 5.0
 _rng = np.random.RandomState(0)
 X = _rng.standard_normal((10, 3))
@@ -62,6 +64,7 @@ IMPLICIT = {
     "implicit_normal_cg": eqp.Implicit(method="normal_cg"),
 }
 ITERATIVE = {"almeida_pineda": eqp.AlmeidaPineda(), "neumann": eqp.Neumann(10)}
+ADJOINTS = {**IMPLICIT, **ITERATIVE}
 EXPANSIVE = "ρ(∂T/∂x) ≈ 5 here; AlmeidaPineda and Neumann need ρ < 1 (documented)"
 
 
@@ -69,24 +72,52 @@ def check(jac):
     np.testing.assert_allclose(np.asarray(jac), np.asarray(exact_jacobian()), rtol=1e-9)
 
 
-@pytest.mark.parametrize("adjoint", IMPLICIT.values(), ids=IMPLICIT.keys())
+def _build():
+    """Every adjoint's Jacobian dw*/dλ through each route, compiled once."""
+
+    def run(lam, X, y):
+        out = {}
+        for name, adjoint in ADJOINTS.items():
+            root = eqp.custom_root(optimality, adjoint=adjoint)(ridge_solver)
+            _, vjp = jax.vjp(lambda lam, root=root: root(None, lam, X, y), lam)
+            out[f"root_vjp/{name}"] = jax.vmap(lambda g, vjp=vjp: vjp(g)[0])(jnp.eye(3))
+            out[f"root_jvp/{name}"] = jax.jvp(
+                lambda lam, X, y, root=root: root(None, lam, X, y),
+                (lam, X, y), (jnp.ones_like(lam), jnp.zeros_like(X), jnp.zeros_like(y)),
+            )[1]
+            fp = eqp.custom_fixed_point(fixed_point_map, adjoint=adjoint)(ridge_solver)
+            out[f"custom_fixed_point/{name}"] = (
+                fp(None, lam=lam, X=X, y=y),
+                jax.jacrev(lambda lam, fp=fp: fp(None, lam=lam, X=X, y=y))(lam),
+            )
+
+            def solve(lam, adjoint=adjoint):
+                g = lambda z, args: optimality(z, *args)
+                return eqp.root_find(g, jnp.zeros(3), (lam, X, y), adjoint=adjoint).value
+
+            out[f"root_find/{name}"] = (solve(lam), jax.jacrev(solve)(lam))
+        return out
+
+    return run, (jnp.asarray(LAM), X, Y)
+
+
+solved = once(_build)
+
+
+@pytest.mark.parametrize("adjoint", IMPLICIT)
 def test_root_vjp_and_jvp(adjoint):
     """implicit_diff_test::test_root_vjp and test_root_jvp: the Jacobian with respect to
-    λ by reverse mode (one vjp per output) and by forward mode (tangent (1, 0, 0))."""
-    solver = eqp.custom_root(optimality, adjoint=adjoint)(ridge_solver)
-    sol, vjp = jax.vjp(lambda lam: solver(None, lam, X, Y), LAM)
-    rows = jax.vmap(lambda g: vjp(g)[0])(jnp.eye(3))
-    check(rows)
-    _, jvp = jax.jvp(lambda lam, X, y: solver(None, lam, X, y), (LAM, X, Y),
-                     (1.0, np.zeros_like(X), np.zeros_like(Y)))
-    check(jvp)
+    λ by reverse mode (one vjp per output) and by forward mode (tangent (1, 0, 0)),
+    with every adjoint that applies."""
+    check(solved()[f"root_vjp/{adjoint}"])
+    check(solved()[f"root_jvp/{adjoint}"])
 
 
 @pytest.mark.parametrize("has_aux", [False, True])
 def test_custom_root(has_aux):
     """implicit_diff_test::test_custom_root and test_custom_root_with_has_aux: the
-    decorated solver returns the solver's answer, and `jax.jacrev` with respect to λ
-    (a Python float) is the exact derivative."""
+    decorated solver returns the solver's answer, and eager `jax.jacrev` with respect
+    to λ (a Python float) is the exact derivative."""
     if has_aux:
         decorated = eqp.custom_root(optimality, has_aux=True)(
             lambda init, lam, X, y: (ridge_solver(init, lam, X, y), None)
@@ -103,17 +134,15 @@ def test_custom_root(has_aux):
         assert out[1] is None and jac[1] is None
 
 
-@pytest.mark.parametrize("adjoint", {**IMPLICIT, **ITERATIVE}.values(),
-                         ids={**IMPLICIT, **ITERATIVE}.keys())
+@pytest.mark.parametrize("adjoint", ADJOINTS)
 def test_custom_fixed_point(adjoint):
-    """implicit_diff_test::test_custom_fixed_point: T(x) = x - ∇L(x)."""
-    decorated = eqp.custom_fixed_point(fixed_point_map, adjoint=adjoint)(ridge_solver)
-    sol = decorated(None, lam=LAM, X=X, y=Y)
+    """implicit_diff_test::test_custom_fixed_point: T(x) = x - ∇L(x), with keyword
+    arguments, with every adjoint."""
+    sol, jac = solved()[f"custom_fixed_point/{adjoint}"]
     np.testing.assert_allclose(np.asarray(sol), np.asarray(ridge_solver(None, LAM, X, Y)),
                                rtol=1e-14)
-    jac = jax.jacrev(decorated, argnums=1)(None, LAM, X=X, y=Y)
-    if isinstance(adjoint, eqp.AlmeidaPineda | eqp.Neumann):
-        assert bool(jnp.all(jnp.isnan(jac)))  # the failure is reported, not hidden
+    if adjoint in ITERATIVE:
+        assert bool(np.all(np.isnan(jac)))  # the failure is reported, not hidden
         pytest.skip(EXPANSIVE)
     check(jac)
 
@@ -139,22 +168,25 @@ def test_custom_root_with_kwargs(order):
     np.testing.assert_allclose(float(jax.jit(grad)(LAM)), float(ref), rtol=1e-9)
 
 
-@pytest.mark.parametrize("adjoint", {**IMPLICIT, **ITERATIVE}.values(),
-                         ids={**IMPLICIT, **ITERATIVE}.keys())
+@pytest.mark.parametrize("adjoint", ADJOINTS)
 def test_ridge_through_root_find(adjoint):
     """The ridge problem solved by the library itself: `root_find(∇L)` with Newton
-    (exact in one step: ∇L is affine), differentiated eagerly with respect to λ passed
-    as a Python float in args (what jaxopt's tests do; it failed before issue 17)."""
+    (exact in one step: ∇L is affine), with every adjoint."""
+    sol, jac = solved()[f"root_find/{adjoint}"]
+    np.testing.assert_allclose(np.asarray(sol), np.asarray(ridge_solver(None, LAM, X, Y)),
+                               rtol=1e-10)
+    if adjoint in ITERATIVE:
+        assert bool(np.all(np.isnan(jac)))
+        pytest.skip(EXPANSIVE)
+    check(jac)
+
+
+def test_python_float_in_args_under_eager_grad():
+    """jaxopt's tests differentiate eagerly with respect to λ = 5.0, a Python float,
+    passed in args (27 failures before issue 17's fix)."""
 
     def solve(lam):
         g = lambda z, args: optimality(z, *args)
-        sol = eqp.root_find(g, jnp.zeros(3), (lam, X, Y), adjoint=adjoint)
-        return sol.value
+        return eqp.root_find(g, jnp.zeros(3), (lam, X, Y)).value
 
-    np.testing.assert_allclose(np.asarray(solve(LAM)), np.asarray(ridge_solver(None, LAM, X, Y)),
-                               rtol=1e-10)
-    jac = jax.jacrev(solve)(LAM)
-    if isinstance(adjoint, eqp.AlmeidaPineda | eqp.Neumann):
-        assert bool(jnp.all(jnp.isnan(jac)))
-        pytest.skip(EXPANSIVE)
-    check(jac)
+    check(jax.jacrev(solve)(LAM))
