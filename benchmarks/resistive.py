@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqprop_jax.equilibrium.solvers.picard import Picard
 from eqprop_jax.models.resistive import ResistiveNetwork
-from eqprop_jax.solvers.picard import Picard
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 

@@ -4,44 +4,55 @@ from importlib import metadata as _metadata
 
 from . import data, train  # the submodules eqp.data and eqp.train
 from ._checks import default_tol
-from ._ragged import batch_compaction, ragged_while_loop
-from ._solution import Result, Solution, Stats
-from .adjoints import (
+from .diagnostics import gradient_alignment
+from .equilibrium import (
     AbstractAdjoint,
     AbstractLinearAdjoint,
+    AbstractNewtonSolver,
+    AbstractSolver,
     AdjointStats,
     AlmeidaPineda,
+    Anderson,
+    Broyden,
+    Chord,
     Implicit,
     JacobianFree,
     Neumann,
+    Newton,
     PhantomGradient,
+    Picard,
+    Result,
+    Solution,
+    Stats,
     Unrolled,
     adjoint_probe,
+    batch_compaction,
+    custom_fixed_point,
+    custom_root,
+    fixed_point,
+    ragged_while_loop,
+    root_find,
 )
-from .custom import custom_fixed_point, custom_root
-from .diagnostics import gradient_alignment
 from .estimators import (
     BPTT,
+    DTP,
     ContinualEP,
     EquilibriumProp,
     Estimator,
     RecurrentBackprop,
+    ResistiveEP,
     VectorFieldEP,
 )
-from .estimators.dtp import DTP
-from .fixed_point import fixed_point
-from .models import DEQ, ConvHopfield, HopfieldMLP, VectorFieldMLP
-from .regularisation import SpectralRadius, jacobian_frobenius, spectral_radius
-from .root_find import root_find
-from .solvers import (
-    AbstractNewtonSolver,
-    AbstractSolver,
-    Anderson,
-    Broyden,
-    Chord,
-    Newton,
-    Picard,
+from .models import (
+    DEQ,
+    ConvHopfield,
+    EnergyModel,
+    HopfieldMLP,
+    LayeredNet,
+    ResistiveNetwork,
+    VectorFieldMLP,
 )
+from .regularisation import SpectralRadius, jacobian_frobenius, spectral_radius
 
 try:
     __version__ = _metadata.version("eqprop_jax")
@@ -53,44 +64,48 @@ __all__ = [
     "train",
     "AbstractAdjoint",
     "AbstractLinearAdjoint",
-    "adjoint_probe",
-    "default_tol",
+    "AbstractNewtonSolver",
     "AbstractSolver",
     "AdjointStats",
     "AlmeidaPineda",
-    "DEQ",
-    "Estimator",
     "Anderson",
+    "BPTT",
     "Broyden",
-    "AbstractNewtonSolver",
-    "Newton",
     "Chord",
+    "ContinualEP",
+    "ConvHopfield",
+    "DEQ",
+    "DTP",
+    "EnergyModel",
+    "EquilibriumProp",
+    "Estimator",
+    "HopfieldMLP",
     "Implicit",
     "JacobianFree",
+    "LayeredNet",
     "Neumann",
+    "Newton",
     "PhantomGradient",
     "Picard",
+    "RecurrentBackprop",
+    "ResistiveEP",
+    "ResistiveNetwork",
     "Result",
     "Solution",
+    "SpectralRadius",
     "Stats",
     "Unrolled",
-    "fixed_point",
-    "root_find",
-    "custom_root",
-    "custom_fixed_point",
-    "ragged_while_loop",
+    "VectorFieldEP",
+    "VectorFieldMLP",
+    "adjoint_probe",
     "batch_compaction",
+    "custom_fixed_point",
+    "custom_root",
+    "default_tol",
+    "fixed_point",
     "gradient_alignment",
     "jacobian_frobenius",
+    "ragged_while_loop",
+    "root_find",
     "spectral_radius",
-    "SpectralRadius",
-    "BPTT",
-    "EquilibriumProp",
-    "HopfieldMLP",
-    "RecurrentBackprop",
-    "DTP",
-    "ContinualEP",
-    "VectorFieldEP",
-    "ConvHopfield",
-    "VectorFieldMLP",
 ]

@@ -32,15 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqprop_jax.adjoints import Implicit
 from eqprop_jax.data import load_dataset
+from eqprop_jax.equilibrium.adjoints import Implicit
+from eqprop_jax.equilibrium.solvers.picard import Picard
 from eqprop_jax.estimators.continual_ep import ContinualEP
 from eqprop_jax.estimators.ep import EquilibriumProp
 from eqprop_jax.estimators.rbp import RecurrentBackprop
 from eqprop_jax.estimators.vector_field_ep import VectorFieldEP
 from eqprop_jax.models.vector_field import VectorFieldMLP
 from eqprop_jax.presets import get_preset, to_layout
-from eqprop_jax.solvers.picard import Picard
 from eqprop_jax.train import TrainConfig, fit
 from eqprop_jax.train.optim import layer_indices, trainable
 

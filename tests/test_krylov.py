@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqprop_jax._krylov import bicgstab, gmres
+from eqprop_jax.equilibrium._krylov import bicgstab, gmres
 
 N = 48
 

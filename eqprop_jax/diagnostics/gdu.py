@@ -9,9 +9,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PyTree
 
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 from ..estimators._batch import check_batch
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
 from .alignment import Alignment, gradient_alignment
 
 

@@ -9,9 +9,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from .._solution import Result, Solution, Stats
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
+from ..equilibrium._solution import Result, Solution, Stats
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 from ._batch import (
     all_finite,
     check_batch,

@@ -11,9 +11,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 from ..models.activations import HOLOMORPHIC
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
 from ._batch import check_batch, free_phase_summary, nan_if_nonfinite
 from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..adjoints import AbstractAdjoint, Implicit
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
+from ..equilibrium.adjoints import AbstractAdjoint, Implicit
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 from ._batch import check_batch, nan_if_nonfinite, phase_aux
 from .base import Estimator
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ..equilibrium.solvers.picard import Picard
 from ..models.resistive import ResistiveNetwork, local_ep_gradient
-from ..solvers.picard import Picard
 from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
 from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
 from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator

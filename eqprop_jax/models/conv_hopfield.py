@@ -12,11 +12,11 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from .._solution import Solution
-from ..adjoints import AbstractAdjoint
-from ..fixed_point import fixed_point
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
+from ..equilibrium._solution import Solution
+from ..equilibrium.adjoints import AbstractAdjoint
+from ..equilibrium.fixed_point import fixed_point
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 from ._checks import check_classifier_input
 from ._conv import conv2d
 from .activations import get_activation

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._solution import Solution
-from ..adjoints import AbstractAdjoint, Implicit
-from ..fixed_point import fixed_point
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
+from ..equilibrium._solution import Solution
+from ..equilibrium.adjoints import AbstractAdjoint, Implicit
+from ..equilibrium.fixed_point import fixed_point
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 
 
 class _StaticFn(eqx.Module):

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from .._solution import Solution
-from ..adjoints import AbstractAdjoint
-from ..fixed_point import fixed_point
-from ..solvers.base import AbstractSolver
-from ..solvers.picard import Picard
+from ..equilibrium._solution import Solution
+from ..equilibrium.adjoints import AbstractAdjoint
+from ..equilibrium.fixed_point import fixed_point
+from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium.solvers.picard import Picard
 
 State = PyTree[Array]
 

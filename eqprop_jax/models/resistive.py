@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from .._solution import Solution
-from ..adjoints import AbstractAdjoint
-from ..solvers.base import AbstractSolver
+from ..equilibrium._solution import Solution
+from ..equilibrium.adjoints import AbstractAdjoint
+from ..equilibrium.solvers.base import AbstractSolver
 from .energy import EnergyModel
 
 Interval = tuple[float, float]

@@ -12,8 +12,8 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, PyTree
 
-from .._ragged import batch_compaction
 from ..data.batching import random_crop_flip
+from ..equilibrium._ragged import batch_compaction
 from .optim import OptimizerSettings
 from .statuses import count_statuses
 

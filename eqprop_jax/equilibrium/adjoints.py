@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from . import _checks
+from .. import _checks
 from ._krylov import bicgstab, gmres, norm
 from ._ragged import ragged_while_loop
 

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from .. import _checks
+from ... import _checks
 
 FlatFn = Callable[[Array], Array]
 

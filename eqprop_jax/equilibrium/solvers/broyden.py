@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .. import _checks
+from ... import _checks
 from .base import AbstractSolver, FlatFn
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from .. import _checks
+from ... import _checks
 from .._krylov import bicgstab, gmres
 from .base import AbstractSolver, FlatFn
 

@@ -15,7 +15,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
-from ._checks import default_tol
+from .._checks import default_tol
 from ._ragged import ragged_while_loop
 from ._solution import Result, Solution, Stats
 from .adjoints import AbstractAdjoint, Implicit, Unrolled

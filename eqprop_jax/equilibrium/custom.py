@@ -28,7 +28,7 @@ import jax.tree_util as jtu
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ._checks import default_tol
+from .._checks import default_tol
 from .adjoints import AbstractLinearAdjoint, Implicit
 
 
