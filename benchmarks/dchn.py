@@ -48,8 +48,8 @@ import numpy as np
 import optax
 
 import eqprop_jax as eqp
+from eqprop_jax.models.base import AbstractEnergyModel
 from eqprop_jax.models.conv_hopfield import _autodiff_step
-from eqprop_jax.models.energy import EnergyModel
 
 try:  # run as `python benchmarks/dchn.py` or imported as `benchmarks.dchn`
     from _timing import compile_timed, interleaved, machine_info, matmul_gflops
@@ -87,13 +87,13 @@ NETS = {
 
 class AutodiffConvHopfield(eqp.ConvHopfield):
     """The same network with the relaxation field taken by `jax.grad` of the energy
-    and the generic `EnergyModel.relax` (the code path before the hand-written field)."""
+    and the generic `AbstractEnergyModel.relax` (the code path before the hand-written field)."""
 
     def step(self, s, x, y, beta):
         return _autodiff_step(self, s, x, y, beta)
 
     def relax(self, *args, **kwargs):
-        return EnergyModel.relax(self, *args, **kwargs)
+        return AbstractEnergyModel.relax(self, *args, **kwargs)
 
 
 def build(net: str, dtype, *, key, channels=None, in_shape=None, update=None, reference=False):

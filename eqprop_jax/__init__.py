@@ -45,8 +45,10 @@ from .estimators import (
 )
 from .models import (
     DEQ,
+    AbstractEnergyModel,
+    AbstractModel,
+    AbstractVectorFieldModel,
     ConvHopfield,
-    EnergyModel,
     HopfieldMLP,
     LayeredNet,
     ResistiveNetwork,
@@ -76,7 +78,9 @@ __all__ = [
     "ConvHopfield",
     "DEQ",
     "DTP",
-    "EnergyModel",
+    "AbstractEnergyModel",
+    "AbstractModel",
+    "AbstractVectorFieldModel",
     "EquilibriumProp",
     "Estimator",
     "HopfieldMLP",

@@ -15,6 +15,7 @@ import pytest
 
 import eqprop_jax as eqp
 from eqprop_jax.models._conv import conv2d
+from eqprop_jax.models.base import AbstractEnergyModel
 from eqprop_jax.models.conv_hopfield import (
     _autodiff_step,
     _conv_hwc,
@@ -24,7 +25,6 @@ from eqprop_jax.models.conv_hopfield import (
     _pool_argmax,
     _unpool,
 )
-from eqprop_jax.models.energy import EnergyModel
 
 KEY = jax.random.PRNGKey(0)
 
@@ -147,7 +147,7 @@ class _AutodiffConv(eqp.ConvHopfield):
         return _autodiff_step(self, s, x, y, beta)
 
     def relax(self, *args, **kwargs):
-        return EnergyModel.relax(self, *args, **kwargs)
+        return AbstractEnergyModel.relax(self, *args, **kwargs)
 
 
 def _autodiff_twin(name, update, cost="mse"):

@@ -20,7 +20,7 @@ from ..equilibrium.solvers.picard import Picard
 from ._checks import check_classifier_input
 from ._conv import conv2d
 from .activations import get_activation
-from .energy import EnergyModel, State
+from .base import AbstractEnergyModel, State
 
 
 def _conv(s: Array, w: Array, padding: int) -> Array:
@@ -130,7 +130,7 @@ def _conv_transpose_hwc(
     return out[padding : padding + hw[0], padding : padding + hw[1]]
 
 
-class ConvHopfield(EnergyModel):
+class ConvHopfield(AbstractEnergyModel):
     r"""Convolutional EP in the discrete-time prototypical form (Ernoult et al. 2019).
 
     Layers s_1..s_L are (C, H, W) feature maps, s_0 = x, and (cost `"mse"`) an output
@@ -329,7 +329,7 @@ class ConvHopfield(EnergyModel):
             return jax.nn.one_hot(y, self.n_out, dtype=dtype)
         return jnp.asarray(y).astype(dtype)
 
-    # EnergyModel ---------------------------------------------------------------------
+    # AbstractEnergyModel ---------------------------------------------------------------------
 
     def init_state(self, x: Float[Array, "C H W"]) -> State:
         self._check_x(x)
@@ -409,7 +409,7 @@ class ConvHopfield(EnergyModel):
         adjoint: AbstractAdjoint | None = None,
     ) -> Solution:
         """The equilibrium s^β from `s0` by iterating `step` (see
-        [`eqprop_jax.EnergyModel.relax`][]; default solver `Picard(tol=0,
+        [`eqprop_jax.AbstractEnergyModel.relax`][]; default solver `Picard(tol=0,
         max_steps=50)`).
 
         Work that does not depend on the state is done once, before the loop: the

@@ -12,8 +12,8 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from ._checks import check_classifier_input
-from .activations import STATE_RANGE, get_activation
-from .energy import EnergyModel
+from .activations import HOLOMORPHIC, STATE_RANGE, get_activation
+from .base import AbstractEnergyModel
 
 State = tuple[Array, ...]
 
@@ -42,7 +42,7 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-class HopfieldMLP(EnergyModel):
+class HopfieldMLP(AbstractEnergyModel):
     r"""A layered Hopfield network trained by Equilibrium Propagation.
 
     Layers 0..L with sizes `sizes[0]..`: the input x = layer 0 is clamped (not a
@@ -173,6 +173,16 @@ class HopfieldMLP(EnergyModel):
     def n_outputs(self) -> int:
         """Number of classes (or size of the target vector)."""
         return self.sizes[-1]
+
+    @property
+    def holomorphic(self) -> bool:
+        """True with a holomorphic activation (`tanh`, `sigmoid`, `sigmoid4`, `identity`)."""
+        return self.activation in HOLOMORPHIC
+
+    @property
+    def flow_step_size(self) -> float | None:
+        """ε for gradient dynamics (s ← s − ε ∂F/∂s); None for prototypical ones."""
+        return self.step_size if self.dynamics == "gradient" else None
 
     def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
         """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._conv import conv2d
+from .base import AbstractModel
 
 
 def _identity(x):
@@ -167,7 +168,7 @@ class ConvFeedback(eqx.Module):
         return _conv(self.activation(u), self.weight) + self.bias[:, None, None]
 
 
-class LayeredNet(eqx.Module):
+class LayeredNet(AbstractModel):
     r"""Forward layers F_1..F_N and feedback layers G_2..G_N (Ernoult et al. 2022).
 
     `forward[n-1]` is F_n: s_{n-1} -> s_n and `feedback[n-2]` is G_n: s_n -> s_{n-1}

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 from ..equilibrium._solution import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.solvers.base import AbstractSolver
-from .energy import EnergyModel
+from .base import AbstractEnergyModel
 
 Interval = tuple[float, float]
 
@@ -117,7 +117,7 @@ def output_conductance_matrix(
     return xp.diag(s) if s.ndim == 1 else 0.5 * (s + s.T)
 
 
-class ResistiveNetwork(EnergyModel):
+class ResistiveNetwork(AbstractEnergyModel):
     r"""A layered deep resistive network (DRN) of conductances and ideal diodes.
 
     Layers: the input layer holds 2·n_in voltage sources (+g_in·x, −g_in·x), so that
@@ -516,7 +516,7 @@ class ResistiveNetwork(EnergyModel):
         solver: AbstractSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
     ) -> Solution:
-        """`EnergyModel.relax` after checking the input, the state, the conductances and β.
+        """`AbstractEnergyModel.relax` after checking the input, the state, the conductances and β.
 
         Checks run eagerly on concrete arrays; under `jit` the NaN, sign and convexity
         checks become runtime errors (`eqx.error_if`). A negative β at or past
@@ -541,7 +541,7 @@ class ResistiveNetwork(EnergyModel):
             neg = neg | jnp.any(g < 0)
         x = eqx.error_if(x, neg, "ResistiveNetwork: negative conductances; call model.project().")
         x = self.check_nudge(x, beta)
-        return EnergyModel.relax(self, x, y, beta, s0, solver=solver, adjoint=adjoint)
+        return AbstractEnergyModel.relax(self, x, y, beta, s0, solver=solver, adjoint=adjoint)
 
     # ---------------------------------------------------------------- training
     def project(self) -> ResistiveNetwork:

@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from ._checks import check_classifier_input
 from .activations import get_activation
-from .energy import EnergyModel
+from .base import AbstractVectorFieldModel
 
 State = tuple[Array, ...]
 
@@ -32,7 +32,7 @@ def _tilted(w_t: Array, r: Array, angle: float) -> Array:
     return np.cos(angle) * w_t + np.sin(angle) * r
 
 
-class VectorFieldMLP(EnergyModel):
+class VectorFieldMLP(AbstractVectorFieldModel):
     r"""A layered network whose dynamics are a vector field, not an energy gradient.
 
     Layers: x = s_0 (clamped), state (s_1, ..., s_L), s_L the output. Forward weights

@@ -1,4 +1,16 @@
-"""The energy-model interface shared by every EP-trainable model."""
+"""The model contracts: what estimators, training and diagnostics may rely on.
+
+- [`AbstractModel`][eqprop_jax.AbstractModel]: a classifier of one example, with its
+  output count, its input check and its admissible set of parameters.
+- [`AbstractEnergyModel`][eqprop_jax.AbstractEnergyModel]: a state s that settles at
+  a minimum (or fixed point) of F = E + βC: EP, C-EP, RBP, BPTT, the traces.
+- [`AbstractVectorFieldModel`][eqprop_jax.AbstractVectorFieldModel]: dynamics
+  ds/dt = F(s) that need not be a gradient (asymmetric weights): vector-field EP.
+
+Every method acts on one example; estimators and training `jax.vmap` over the batch.
+No estimator, loop or diagnostic probes a model with `getattr`: what it uses is
+declared here.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +31,34 @@ from ..equilibrium.solvers.picard import Picard
 State = PyTree[Array]
 
 
-class EnergyModel(eqx.Module):
+class AbstractModel(eqx.Module):
+    """A trainable classifier of one example.
+
+    - `n_outputs`: the number of classes (the output count; labels are 0..n_outputs-1
+      or float targets of that size).
+    - `check_input(x, y, batched=True)`: raise a clear `ValueError` naming the problem
+      if a batch (or one example) cannot be fed to the model; called eagerly, before
+      any tracing, by estimators and training.
+    - `project()`: the model moved back into its admissible parameter set after an
+      update (e.g. conductances >= 0); the default is the model itself.
+    """
+
+    @property
+    @abc.abstractmethod
+    def n_outputs(self) -> int:
+        """The number of classes."""
+
+    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
+        """Raise a `ValueError` if `x`/`y` cannot be fed to this model. The default
+        accepts everything; estimators range-check integer labels against
+        `n_outputs` themselves (also under `jit`)."""
+
+    def project(self):
+        """The model in its admissible set (identity unless a subclass constrains it)."""
+        return self
+
+
+class AbstractEnergyModel(AbstractModel):
     r"""A model whose state s settles at a minimum (or fixed point) of F = E + βC.
 
     All methods act on **one example** (no batch axis); estimators and training
@@ -64,6 +103,19 @@ class EnergyModel(eqx.Module):
     def loss(self, s: State, y: Array) -> Scalar:
         return self.cost(s, y)
 
+    @property
+    def holomorphic(self) -> bool:
+        """Whether `step` and `total_energy` are holomorphic in (s, β), so that complex
+        nudges (holomorphic EP, Laborieux & Zenke 2022) are valid. Default: False."""
+        return False
+
+    @property
+    def flow_step_size(self) -> float | None:
+        """ε if `step` is one explicit Euler step of the gradient flow
+        ds/dt = −∂F/∂s, i.e. s ← s − ε ∂F/∂s (then a step is ε units of time, as the
+        GDU trace needs); None for other dynamics (discrete-time, coordinate sweeps)."""
+        return None
+
     def total_energy(self, s: State, x: Array, y: Array, beta: Any) -> Scalar:
         return self.energy(s, x) + beta * self.cost(s, y)
 
@@ -105,3 +157,19 @@ def to_complex(tree: PyTree) -> PyTree:
         return a.astype(jnp.result_type(a.dtype, jnp.complex64))
 
     return jax.tree_util.tree_map(cast, tree)
+
+
+class AbstractVectorFieldModel(AbstractEnergyModel):
+    r"""Dynamics ds/dt = μ(θ, x, s) − β ∂C/∂s that need not derive from an energy
+    (Scellier, Goyal, Binas, Mesnard & Bengio 2018, "Generalization of equilibrium
+    propagation to vector field dynamics").
+
+    `vector_field(s, x)` is μ(θ, x, s), the free dynamics; `step` integrates the nudged
+    ones, whose zero is the equilibrium. `energy` is that of the symmetric network the
+    field tilts (a diagnostic), so the model is also an energy model and `relax` works.
+    Vector-field EP's estimate is ν = ∂/∂θ ⟨Δs/β, μ(θ, x, s⁰)⟩.
+    """
+
+    @abc.abstractmethod
+    def vector_field(self, s: State, x: Array) -> State:
+        """μ(θ, x, s) at state s."""
