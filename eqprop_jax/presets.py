@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from .estimators._batch import check_labels
 from .estimators.base import Estimator
+from .estimators.checks import check_labels
 from .train.loop import TrainConfig
 
 

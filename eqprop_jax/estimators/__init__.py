@@ -1,11 +1,11 @@
 """Gradient estimators, one file each, one base class."""
 
-from ._batch import phase_results
 from .base import Estimator
 from .bptt import BPTT
 from .continual_ep import ContinualEP
 from .dtp import DTP
 from .ep import EquilibriumProp
+from .phases import phase_results
 from .rbp import RecurrentBackprop
 from .resistive_ep import ResistiveEP
 from .vector_field_ep import VectorFieldEP

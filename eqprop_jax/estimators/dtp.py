@@ -41,9 +41,8 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.layered import LayeredNet
-from ._batch import check_labels
-from ._validate import check_beta, check_steps
 from .base import Estimator
+from .checks import check_beta, check_labels, check_steps
 
 _VARIANTS = ("lee", "drl", "ldrl")
 

@@ -10,8 +10,9 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ..equilibrium.adjoints import AbstractAdjoint, Implicit
 from ..equilibrium.solvers.base import AbstractSolver
 from ..equilibrium.solvers.picard import Picard
-from ._batch import check_batch, nan_if_nonfinite, phase_aux
 from .base import Estimator
+from .checks import check_batch
+from .phases import nan_if_nonfinite, phase_aux
 
 
 class RecurrentBackprop(Estimator):
