@@ -21,6 +21,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .estimators.base import Estimator
 from .estimators.checks import check_labels
+from .estimators.losses import cross_entropy
 from .train.loop import TrainConfig
 
 
@@ -150,8 +151,7 @@ class Backprop(Estimator):
         def loss_fn(m):
             logits = jax.vmap(m)(x)
             labels = check_labels("Backprop", y, logits.shape[-1])
-            logp = jax.nn.log_softmax(logits)
-            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), logits
+            return jnp.mean(jax.vmap(cross_entropy)(logits, labels)), logits
 
         (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
         return loss, grads, {"predictions": logits}

@@ -43,16 +43,9 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ..models.layered import LayeredNet
 from .base import Estimator
 from .checks import check_beta, check_labels, check_steps
+from .losses import cross_entropy
 
 _VARIANTS = ("lee", "drl", "ldrl")
-
-
-def cross_entropy(logits: Array, y: Array) -> Array:
-    """Softmax cross-entropy of one example; `y` an integer label or a probability vector."""
-    logp = jax.nn.log_softmax(logits)
-    if jnp.issubdtype(y.dtype, jnp.integer):
-        return -logp[y]
-    return -jnp.sum(y * logp)
 
 
 def dtp_targets(

@@ -288,7 +288,7 @@ def free_phase_summary(
 
 
 def finish(
-    model: AbstractEnergyModel, phases: Phases, y: Array, grads: PyTree, **extra: Any
+    model: AbstractEnergyModel, phases: Phases, y: Array, grads: PyTree, /, **extra: Any
 ) -> tuple[Array, PyTree, dict]:
     """`loss, grads, aux` of an EP-type estimator from its phases and estimate: the
     loss at the free state, the shared `aux` entries (plus `extra`), and NaN in

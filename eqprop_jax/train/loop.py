@@ -21,6 +21,7 @@ from jaxtyping import Array, PyTree
 
 from ..data import Dataset
 from ..data.batching import batch_indices, epoch_order, steps_per_epoch
+from ..estimators.base import Estimator
 from . import distributed
 from .checkpoint import CHECKPOINT, Checkpointer, model_fingerprint
 from .config import TrainConfig
@@ -125,7 +126,7 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
                 "give the optimiser either as `optimizer` or as TrainConfig settings, not both: "
                 f"TrainConfig sets {', '.join(cfg.changed_optimizer_fields())}."
             )
-    if not callable(getattr(estimator, "pre_step", None)) or not callable(estimator):
+    if not isinstance(estimator, Estimator):
         raise TypeError(
             f"estimator must be an eqprop_jax Estimator, got {type(estimator).__name__}."
         )
