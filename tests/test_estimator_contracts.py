@@ -64,6 +64,12 @@ CASES = {
         2,
     ),
     "continual-ep": (lambda: eqp.ContinualEP(0.1, 0.01, **SHORT), _hopfield, (4,), 1),
+    "contrastive-hebbian": (
+        lambda: eqp.ContrastiveHebbian(free_steps=8, clamped_steps=4),
+        _hopfield,
+        (4,),
+        1,
+    ),
     "vector-field-ep": (
         lambda: eqp.VectorFieldEP(0.1, variant="centered", **SHORT),
         lambda: eqp.VectorFieldMLP((4, 5, 3), key=KEY),

@@ -19,10 +19,9 @@ from .phases import (
     VARIANTS,
     finish,
     nudge_points,
-    nudged_relaxations,
     phase_solver,
     random_sign,
-    relax_phases,
+    relax_nudges,
     state_dtype,
 )
 
@@ -100,10 +99,14 @@ class EquilibriumProp(Estimator):
         if self.random_sign:
             beta = random_sign("EquilibriumProp", beta, key)
         nudges = nudge_points(beta, self.variant, self.n_points).astype(state_dtype(model, x))
-        nudged = nudged_relaxations(
-            model, nudges.relaxed, phase_solver(self.nudged_solver, self.nudged_steps)
+        phases = relax_nudges(
+            model,
+            x,
+            y,
+            nudges,
+            phase_solver(self.free_solver, self.free_steps),
+            phase_solver(self.nudged_solver, self.nudged_steps),
         )
-        phases = relax_phases(model, x, y, nudged, phase_solver(self.free_solver, self.free_steps))
         states = lax.stop_gradient(nudges.states(phases))
 
         def surrogate(m):

@@ -177,6 +177,20 @@ def relax_phases(
     return Phases(*jax.vmap(per_example)(x, y))
 
 
+def relax_nudges(
+    model: AbstractEnergyModel,
+    x: Array,
+    y: Array,
+    nudges: Nudges,
+    free_solver: AbstractSolver,
+    nudged_solver: AbstractSolver,
+) -> Phases:
+    """The free phase, then a nudged phase at each nudge of `nudges` but the free
+    point ([`relax_phases`][] with [`nudged_relaxations`][])."""
+    nudged = nudged_relaxations(model, nudges.relaxed, nudged_solver)
+    return relax_phases(model, x, y, nudged, free_solver)
+
+
 def batched_step(model: AbstractEnergyModel, s: PyTree, x: Array, y: Array, beta: Any) -> PyTree:
     """One `model.step` for every example of a batch of states."""
     return jax.vmap(lambda si, xi, yi: model.step(si, xi, yi, beta))(s, x, y)
@@ -319,6 +333,7 @@ __all__ = [
     "phase_solver",
     "random_sign",
     "relax_free",
+    "relax_nudges",
     "relax_phases",
     "state_dtype",
     "trajectory",

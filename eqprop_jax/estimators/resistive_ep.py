@@ -12,15 +12,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ..models.resistive import ResistiveNetwork, local_ep_gradient
 from .base import Estimator
 from .checks import check_batch, check_beta, check_steps, check_variant, checked_beta
-from .phases import (
-    TWO_POINT,
-    finish,
-    nudge_points,
-    nudged_relaxations,
-    phase_solver,
-    relax_phases,
-    state_dtype,
-)
+from .phases import TWO_POINT, finish, nudge_points, phase_solver, relax_nudges, state_dtype
 
 
 class ResistiveEP(Estimator):
@@ -83,8 +75,10 @@ class ResistiveEP(Estimator):
             # and under `jit` it is the only check).
             model.check_nudge(x, b1)
         nudges = nudge_points(beta, self.variant).astype(dtype)
-        nudged = nudged_relaxations(model, nudges.relaxed, phase_solver(None, self.nudged_steps))
-        phases = relax_phases(model, x, y, nudged, phase_solver(None, self.free_steps))
+        free_solver = phase_solver(None, self.free_steps)
+        phases = relax_nudges(
+            model, x, y, nudges, free_solver, phase_solver(None, self.nudged_steps)
+        )
         s1, s2 = (
             jax.tree_util.tree_map(lambda a, p=p: a[:, p], nudges.states(phases)) for p in (0, 1)
         )

@@ -14,15 +14,7 @@ from ..equilibrium.solvers.base import AbstractSolver
 from ..models.base import AbstractVectorFieldModel
 from .base import Estimator
 from .checks import check_batch, check_beta, check_steps, check_variant, checked_beta
-from .phases import (
-    TWO_POINT,
-    finish,
-    nudge_points,
-    nudged_relaxations,
-    phase_solver,
-    relax_phases,
-    state_dtype,
-)
+from .phases import TWO_POINT, finish, nudge_points, phase_solver, relax_nudges, state_dtype
 
 _VARIANTS = ("positive", "centered")
 
@@ -87,10 +79,14 @@ class VectorFieldEP(Estimator):
         y = check_batch("VectorFieldEP", model, x, y)
         beta = jnp.asarray(checked_beta("VectorFieldEP", self.beta))
         nudges = nudge_points(beta, self.variant).astype(state_dtype(model, x))
-        nudged = nudged_relaxations(
-            model, nudges.relaxed, phase_solver(self.nudged_solver, self.nudged_steps)
+        phases = relax_nudges(
+            model,
+            x,
+            y,
+            nudges,
+            phase_solver(self.free_solver, self.free_steps),
+            phase_solver(self.nudged_solver, self.nudged_steps),
         )
-        phases = relax_phases(model, x, y, nudged, phase_solver(self.free_solver, self.free_steps))
         lo, hi = TWO_POINT[self.variant]
         states = nudges.states(phases)
         ds = jax.tree_util.tree_map(lambda s: (s[:, 1] - s[:, 0]) / ((hi - lo) * beta), states)
