@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium import AbstractSolver
 from ..estimators.checks import check_batch, check_beta, check_steps
 from ..estimators.phases import batched_step, energy_grads, phase_solver, relax_free, trajectory
 from ..models.base import AbstractEnergyModel

@@ -9,7 +9,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium import AbstractSolver
 from ..estimators.phases import batched_step, energy_grads, phase_solver, trajectory
 from ..models.base import AbstractEnergyModel
 from .alignment import Alignment, per_step_alignment, per_step_summary

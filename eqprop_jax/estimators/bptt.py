@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium._solution import Solution, Stats
+from ..equilibrium import Solution, Stats
 from .base import Estimator
 from .checks import check_batch, check_steps
 from .phases import fixed_steps_result, max_abs_change, nan_if_nonfinite, phase_aux

@@ -9,8 +9,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium._solution import Result, Solution, Stats
-from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium import AbstractSolver, Result, Solution, Stats
 from ..models.base import AbstractEnergyModel
 from .base import Estimator
 from .checks import check_batch, check_beta, check_steps, checked_beta

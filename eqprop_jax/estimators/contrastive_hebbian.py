@@ -8,9 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium._solution import Solution
-from ..equilibrium.fixed_point import fixed_point
-from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium import AbstractSolver, Solution, fixed_point
 from ..models.base import AbstractEnergyModel, State
 from .base import Estimator
 from .checks import check_batch, check_steps

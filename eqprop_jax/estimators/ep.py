@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium import AbstractSolver
 from ..models.activations import HOLOMORPHIC
 from ..models.base import AbstractEnergyModel
 from .base import Estimator

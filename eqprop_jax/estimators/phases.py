@@ -27,9 +27,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from ..equilibrium._solution import Result, Solution
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
+from ..equilibrium import AbstractSolver, Picard, Result, Solution
 from ..models.base import AbstractEnergyModel
 
 # The two-point schemes: β1 = lo·β, β2 = hi·β (Laborieux et al. 2021).

@@ -7,9 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium.adjoints import AbstractAdjoint, Implicit
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
+from ..equilibrium import AbstractAdjoint, AbstractSolver, Implicit, Picard
 from .base import Estimator
 from .checks import check_batch
 from .phases import nan_if_nonfinite, phase_aux

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
+from ..equilibrium import AbstractSolver
 from ..models.base import AbstractVectorFieldModel
 from .base import Estimator
 from .checks import check_batch, check_beta, check_steps, check_variant, checked_beta
