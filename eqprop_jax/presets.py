@@ -129,7 +129,8 @@ class Preset:
             return _load("estimators.bptt", "BPTT")(steps=ep.free_steps, truncate=ep.bptt_steps)
         rbp = _load("estimators.rbp", "RecurrentBackprop")
         if name == "rbp":
-            adjoint = _load("equilibrium.adjoints", "AlmeidaPineda")(tol=0.0, max_steps=ep.free_steps)
+            ap = _load("equilibrium.adjoints", "AlmeidaPineda")
+            adjoint = ap(tol=0.0, max_steps=ep.free_steps)
             return rbp(adjoint=adjoint, solver=picard(tol=0.0, max_steps=ep.free_steps))
         # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
         implicit = _load("equilibrium.adjoints", "Implicit")
@@ -139,7 +140,8 @@ class Preset:
 
     def eval_solver(self):
         if self.family == "energy" and self.ep is not None:
-            return _load("equilibrium.solvers.picard", "Picard")(tol=0.0, max_steps=self.ep.free_steps)
+            picard = _load("equilibrium.solvers.picard", "Picard")
+            return picard(tol=0.0, max_steps=self.ep.free_steps)
         return None
 
 
