@@ -11,18 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..equilibrium._ragged import batch_compaction
+from ..models.base import AbstractEnergyModel
 from .progress import Progress
 from .sharding import shard_batch
 
 
 def _predict_one(model, x, y, solver):
-    """Class scores and loss of one example at the model's free equilibrium."""
-    relax = getattr(model, "relax", None)
-    if relax is None:
+    """Class scores and loss of one example: at the free equilibrium of an energy
+    model, else the logits `model(x)` of a feedforward net and their cross-entropy."""
+    if not isinstance(model, AbstractEnergyModel):
         logits = model(x)
         logp = jax.nn.log_softmax(logits)
         return logits, -logp[y]
-    sol = relax(x, y, 0.0) if solver is None else relax(x, y, 0.0, solver=solver)
+    sol = model.relax(x, y, 0.0) if solver is None else model.relax(x, y, 0.0, solver=solver)
     return model.predict(sol.value), model.loss(sol.value, y)
 
 
