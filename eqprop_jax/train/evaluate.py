@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..equilibrium._ragged import batch_compaction
-from ..models.base import AbstractEnergyModel
+from ..models.base import AbstractEnergyModel, AbstractModel
 from .progress import Progress
 from .sharding import shard_batch
 
@@ -44,7 +44,7 @@ def _eval_batch(model, x, y, mask, solver, compaction: bool):
 
 
 def evaluate(
-    model: Any,
+    model: AbstractModel,
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -54,8 +54,8 @@ def evaluate(
     progress: bool | None = None,
 ) -> dict[str, float]:
     """Accuracy, mean loss and the fraction of non-finite predictions over (x, y),
-    each example relaxed by the model itself (`model.relax(x, y, beta=0)` then
-    `predict`; plain `model(x)` for feedforward nets).
+    each example relaxed by the model itself (an energy model: `model.relax(x, y,
+    beta=0)` then `predict`; any other model: the logits `model(x)`).
 
     Batches have one static shape (the last one is padded and masked), so this
     compiles once. A non-finite prediction counts as wrong and makes the loss NaN.
