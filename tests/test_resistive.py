@@ -23,7 +23,7 @@ def make(diodes=True, sizes=SIZES, seed=0, **kw):
 def example(model, seed=1):
     kx, ky = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.uniform(kx, (model.layer_sizes[0],), jnp.float64)
-    y = jax.nn.one_hot(jax.random.randint(ky, (), 0, model.num_classes), model.num_classes)
+    y = jax.nn.one_hot(jax.random.randint(ky, (), 0, model.n_outputs), model.n_outputs)
     return x, y
 
 
@@ -329,7 +329,7 @@ def small_net(diodes=True):
 
 def batch(model, n=2, seed=1):
     x = jax.random.uniform(jax.random.PRNGKey(seed), (n, model.layer_sizes[0]), jnp.float64)
-    return x, jax.nn.one_hot(jnp.arange(n) % model.num_classes, model.num_classes)
+    return x, jax.nn.one_hot(jnp.arange(n) % model.n_outputs, model.n_outputs)
 
 
 def dense_schur(h, offsets):

@@ -20,6 +20,7 @@ import pytest
 
 from eqprop_jax.data import epoch_order, load_digits
 from eqprop_jax.estimators import EquilibriumProp, Estimator
+from eqprop_jax.models.base import AbstractModel
 from eqprop_jax.models.hopfield import HopfieldMLP
 from eqprop_jax.train import (
     Checkpointer,
@@ -111,12 +112,16 @@ def test_weight_decay_and_cosine_schedule():
 # -- loop -------------------------------------------------------------------------------
 
 
-class Clipped(eqx.Module):
+class Clipped(AbstractModel):
     """A linear classifier whose weights must stay >= 0, with non-trainable fields."""
 
     w: jax.Array
     seen: jax.Array  # int counter, updated by the estimator's pre_step
     scale: float = eqx.field(static=True, default=1.0)
+
+    @property
+    def n_outputs(self):
+        return self.w.shape[0]
 
     def __call__(self, x):
         return self.scale * (self.w @ x)
@@ -234,7 +239,8 @@ SHARDED = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, equinox as eqx
     jax.config.update("jax_enable_x64", True)
-    from eqprop_jax.models.hopfield import HopfieldMLP
+    from eqprop_jax.models.base import AbstractModel
+from eqprop_jax.models.hopfield import HopfieldMLP
     from eqprop_jax.estimators import EquilibriumProp
     from eqprop_jax.data import epoch_order, load_digits
     from eqprop_jax.train import TrainConfig, fit, batch_mesh, replicate, shard_batch
@@ -412,10 +418,14 @@ def test_optimizer_settings_are_values():
     assert isinstance(a, OptimizerSettings)
 
 
-class Linear(eqx.Module):
+class Linear(AbstractModel):
     w: jax.Array
     b: jax.Array
     seen: jax.Array
+
+    @property
+    def n_outputs(self):
+        return self.w.shape[0]
 
     def __call__(self, x):
         return self.w @ x + self.b
@@ -588,6 +598,8 @@ def test_bad_settings_and_inputs_are_refused_before_training(digits):
     )
     with pytest.raises(ValueError, match=r"\.weights\[0\] holds NaN"):
         fit(nan_net, SMALL_EP, digits, cfg, log=str)
+    with pytest.raises(TypeError, match="model must be an eqprop_jax model.*AbstractModel"):
+        fit(eqx.nn.Linear(64, 10, key=jax.random.PRNGKey(0)), SMALL_EP, digits, cfg, log=str)
     with pytest.raises(TypeError, match="must be an eqprop_jax.data.Dataset"):
         fit(small_net(), SMALL_EP, (digits.x_train, digits.y_train), cfg, log=str)
     with pytest.raises(ValueError, match="larger than the 96 training examples"):

@@ -38,10 +38,6 @@ def _derivative(fn, z: Array) -> Array:
     return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
 class HopfieldMLP(AbstractEnergyModel):
     r"""A layered Hopfield network trained by Equilibrium Propagation.
 
