@@ -1,0 +1,36 @@
+"""Plain backpropagation through a feedforward model: the reference of target propagation."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ._batch import check_labels
+from .base import Estimator
+
+
+class Backprop(Estimator):
+    r"""Autodiff of the batch-mean softmax cross-entropy of a feedforward `model(x)`:
+
+        L = (1/B) Σ_b [log Σ_k exp z_{b,k} − z_{b,y_b}],   z_b = model(x_b),
+
+    the gradient DTP approaches as β → 0 (Ernoult et al. 2022 compare with it).
+    Integer labels only; `aux["predictions"]` holds the logits.
+    """
+
+    def __call__(
+        self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Array, PyTree, dict]:
+        def loss_fn(m):
+            logits = jax.vmap(m)(x)
+            labels = check_labels("Backprop", y, logits.shape[-1])
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return losses.mean(), logits
+
+        (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+        return loss, grads, {"predictions": logits}
+
+
+__all__ = ["Backprop"]
