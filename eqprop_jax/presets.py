@@ -124,22 +124,22 @@ class Preset:
                 random_sign=ep.random_sign and variant == ep.variant,
                 n_points=ep.n_points,
             )
-        picard = _load("solvers.picard", "Picard")
+        picard = _load("equilibrium.solvers.picard", "Picard")
         if name == "bptt":
             return _load("estimators.bptt", "BPTT")(steps=ep.free_steps, truncate=ep.bptt_steps)
         rbp = _load("estimators.rbp", "RecurrentBackprop")
         if name == "rbp":
-            adjoint = _load("adjoints", "AlmeidaPineda")(tol=0.0, max_steps=ep.free_steps)
+            adjoint = _load("equilibrium.adjoints", "AlmeidaPineda")(tol=0.0, max_steps=ep.free_steps)
             return rbp(adjoint=adjoint, solver=picard(tol=0.0, max_steps=ep.free_steps))
         # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
-        implicit = _load("adjoints", "Implicit")
+        implicit = _load("equilibrium.adjoints", "Implicit")
         return rbp(
             adjoint=implicit(tol=1e-8, max_steps=200), solver=picard(tol=1e-10, max_steps=5000)
         )
 
     def eval_solver(self):
         if self.family == "energy" and self.ep is not None:
-            return _load("solvers.picard", "Picard")(tol=0.0, max_steps=self.ep.free_steps)
+            return _load("equilibrium.solvers.picard", "Picard")(tol=0.0, max_steps=self.ep.free_steps)
         return None
 
 
