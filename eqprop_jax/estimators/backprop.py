@@ -26,8 +26,10 @@ class Backprop(Estimator):
         def loss_fn(m):
             logits = jax.vmap(m)(x)
             labels = check_labels("Backprop", y, logits.shape[-1])
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            return losses.mean(), logits
+            # One-hot through optax's log-softmax form: the same rounding as picking
+            # log_softmax(z)[y] (the integer-label form rounds differently in float32).
+            onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+            return optax.softmax_cross_entropy(logits, onehot).mean(), logits
 
         (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
         return loss, grads, {"predictions": logits}
