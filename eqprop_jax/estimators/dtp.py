@@ -253,7 +253,8 @@ class DTP(Estimator):
         feedback_optimizer: an optax `GradientTransformation` for the feedback weights
             (or one per feedback layer), instead of SGD at `feedback_lr`. Its state
             starts afresh on each batch: an estimator keeps nothing between training
-            steps but the model.
+            steps but the model. Build the estimator once and reuse it: each call of
+            `optax.adam(...)` makes new functions, hence a new compilation.
         unroll: `lax.scan` unroll of the K_n feedback steps; None (default) keeps the
             loops rolled, so compile time does not grow with K_n.
     """
