@@ -395,21 +395,13 @@ def _align(args) -> int:
         for name, rows in sweep.items():
             print(f"{name:<16}" + "".join(f"{r['overall']:>10.3f}" for r in rows))
 
-    results = {
-        name: {
-            "time_s": found.seconds[name],
-            "overall": _row(rep.overall),
-            "per_leaf": {k: _row(v) for k, v in rep.per_leaf.items()},
-        }
-        for name, rep in found.reports.items()
-    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "alignment.json").write_text(
         json.dumps(
             {
                 "preset": preset.name,
                 "reference": preset.reference,
-                "estimators": results,
+                "estimators": found.as_dict(),
                 "beta_sweep": sweep,
             },
             indent=2,
@@ -422,16 +414,6 @@ def _align(args) -> int:
         written += _plots(out, found.reports, sweep, np)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _row(a) -> dict:
-    return {
-        "angle": a.angle,
-        "cosine": a.cosine,
-        "rel_error": a.rel_error,
-        "norm_ratio": a.norm_ratio,
-        "sign_agreement": a.sign_agreement,
-    }
 
 
 def _plots(out: Path, reports, sweep, np) -> list[Path]:

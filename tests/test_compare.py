@@ -51,6 +51,12 @@ def test_reports_equal_gradient_alignment_computed_by_hand(setup):
     assert again.reference_loss is None
     assert again.reports["dtp"].overall.angle == found.reports["dtp"].overall.angle
     assert "dtp-small-beta" in found.table() and "angle" in found.table()
+    data = found.as_dict()
+    assert set(data) == set(ests) and data["dtp"]["time_s"] == found.seconds["dtp"]
+    assert data["dtp"]["overall"]["angle"] == found.reports["dtp"].overall.angle
+    leaf = ".forward[0].weight"
+    want = found.reports["dtp"].per_leaf[leaf].rel_error
+    assert data["dtp"]["per_leaf"][leaf]["rel_error"] == want
 
 
 def test_nonfinite_reference_and_non_estimators_are_refused(setup):

@@ -37,6 +37,28 @@ class Comparison(eqx.Module):
     reference_loss: float | None
     reference_grads: PyTree
 
+    def as_dict(self) -> dict[str, dict]:
+        """Plain data for JSON: per estimator its time and the overall and per-leaf
+        alignments (angle, cosine, rel_error, norm_ratio, sign_agreement)."""
+
+        def row(a):
+            return {
+                "angle": a.angle,
+                "cosine": a.cosine,
+                "rel_error": a.rel_error,
+                "norm_ratio": a.norm_ratio,
+                "sign_agreement": a.sign_agreement,
+            }
+
+        return {
+            name: {
+                "time_s": self.seconds[name],
+                "overall": row(rep.overall),
+                "per_leaf": {k: row(v) for k, v in rep.per_leaf.items()},
+            }
+            for name, rep in self.reports.items()
+        }
+
     def table(self) -> str:
         """One row per estimator: the overall alignment."""
         head = f"{'estimator':<16} {'angle°':>8} {'cosine':>9} {'rel.err':>10} "
