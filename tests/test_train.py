@@ -95,6 +95,34 @@ def test_layer_indices_and_per_layer_rates():
     np.testing.assert_allclose(updates.biases[0], 0.0)
 
 
+def test_readout_layers_are_declared_by_the_model_not_guessed():
+    # HopfieldMLP declares `readout_fields = ("readout",)`; a module that declares
+    # nothing has no readout, whatever its fields are called.
+    assert HopfieldMLP.readout_fields == ("readout",)
+    w = jnp.ones((2, 2))
+
+    class Net(eqx.Module):
+        weights: tuple
+        readout: tuple
+        head: jax.Array
+
+    idx = layer_indices(Net((w, w, w), (w, w), w))
+    assert idx.weights == (0, 1, 2) and idx.readout == (0, 1)
+    assert idx.head == 3  # no index: after the last indexed layer
+
+
+def test_frozen_takes_a_regex_or_a_mask_function():
+    p = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    g = jax.tree_util.tree_map(jnp.ones_like, p)
+    for frozen in (r"\['b'\]", lambda q: {"a": False, "b": True}):
+        tx = make_optimizer(p, lr=0.5, frozen=frozen)
+        u, _ = tx.update(g, tx.init(p), p)
+        np.testing.assert_array_equal(u["a"], -0.5)
+        np.testing.assert_array_equal(u["b"], 0.0)
+    with pytest.raises(ValueError, match="regular expression or a function"):
+        make_optimizer(p, lr=0.5, frozen=3)
+
+
 def test_weight_decay_and_cosine_schedule():
     p = {"w": jnp.array([1.0, -2.0, 3.0])}
     g = {"w": jnp.array([0.5, 0.5, -1.0])}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -91,6 +91,7 @@ class HopfieldMLP(AbstractEnergyModel):
     weights: tuple[Array, ...]
     biases: tuple[Array, ...]
     readout: tuple[Array, Array] | None
+    readout_fields: ClassVar[tuple[str, ...]] = ("readout",)
     sizes: tuple[int, ...] = eqx.field(static=True)
     dynamics: str = eqx.field(static=True)
     activation: str = eqx.field(static=True)
