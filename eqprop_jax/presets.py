@@ -133,8 +133,9 @@ class Preset:
             return rbp(adjoint=adjoint, solver=picard(tol=0.0, max_steps=ep.free_steps))
         # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
         implicit = _load("equilibrium.adjoints", "Implicit")
+        bicgstab = _load("equilibrium.linear_solvers", "BiCGStab")
         return rbp(
-            adjoint=implicit(tol=1e-8, max_steps=200), solver=picard(tol=1e-10, max_steps=5000)
+            adjoint=implicit(bicgstab(200), tol=1e-8), solver=picard(tol=1e-10, max_steps=5000)
         )
 
     def eval_solver(self):
