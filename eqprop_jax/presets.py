@@ -18,6 +18,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .equilibrium.adjoints import AlmeidaPineda, Implicit
+from .equilibrium.linear_solvers import BiCGStab
 from .equilibrium.solvers.base import AbstractSolver
 from .equilibrium.solvers.picard import Picard
 from .estimators.backprop import Backprop
@@ -156,7 +157,7 @@ def _energy_estimators(
     )
     table["rbp-implicit"] = functools.partial(
         RecurrentBackprop,
-        adjoint=Implicit(tol=1e-8, max_steps=200),
+        adjoint=Implicit(BiCGStab(200), tol=1e-8),
         solver=Picard(tol=1e-10, max_steps=5000),
     )
     return table, swept

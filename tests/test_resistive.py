@@ -177,7 +177,7 @@ def implicit_gradient(model, x, y):
     """dL/dθ through the free equilibrium by the implicit function theorem (GMRES)."""
 
     def loss(m):
-        sol = m.relax(x, y, 0.0, solver=SOLVER, adjoint=eqp.Implicit(tol=1e-12, max_steps=200))
+        sol = m.relax(x, y, 0.0, solver=SOLVER, adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-12))
         return m.loss(sol.value, y)
 
     return eqx.filter_grad(loss)(model)
@@ -295,7 +295,7 @@ def test_ep_rbp_and_bptt_agree_on_the_same_circuit():
     ys = jax.nn.one_hot(jnp.array([0, 2, 1]), SIZES[-1])
     estimators = {
         "ep": EquilibriumProp(beta=1e-3, variant="centered", free_steps=300, nudged_steps=300),
-        "rbp": RecurrentBackprop(adjoint=eqp.Implicit(tol=1e-12, max_steps=200), solver=SOLVER),
+        "rbp": RecurrentBackprop(adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-12), solver=SOLVER),
         "bptt": BPTT(steps=300),
     }
     out = {k: eqx.filter_jit(e)(model, xs, ys) for k, e in estimators.items()}

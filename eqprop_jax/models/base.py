@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from ..equilibrium._solution import Solution
+from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver

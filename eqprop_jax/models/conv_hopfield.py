@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from ..equilibrium._solution import Solution
+from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver

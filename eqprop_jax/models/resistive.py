@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from ..equilibrium._solution import Solution
+from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.solvers.base import AbstractSolver
 from ._checks import check_classifier_input

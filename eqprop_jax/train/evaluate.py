@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..equilibrium._ragged import batch_compaction
+from ..equilibrium import batch_compaction
 from ..models.base import AbstractEnergyModel, AbstractModel
 from .progress import Progress
 from .sharding import shard_batch

@@ -13,7 +13,7 @@ import optax
 from jaxtyping import Array, PyTree
 
 from ..data.batching import random_crop_flip
-from ..equilibrium._ragged import batch_compaction
+from ..equilibrium import batch_compaction
 from .optim import OptimizerSettings
 from .statuses import count_statuses
 
