@@ -15,7 +15,7 @@ KEY = jax.random.PRNGKey(0)
 # Tight solves: a converged state's residual (~1e-13) enters EP's estimate divided by
 # β, so at β >= 1e-3 it stays below 1e-9, far under the errors compared.
 TIGHT = eqp.Picard(tol=1e-13, max_steps=5000)
-RBP = eqp.RecurrentBackprop(adjoint=eqp.Implicit(tol=1e-13, max_steps=200), solver=TIGHT)
+RBP = eqp.RecurrentBackprop(adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-13), solver=TIGHT)
 
 
 def _model(activation="sigmoid", **kw):

@@ -124,7 +124,7 @@ def test_linear_resistive_network_is_holomorphic():
     assert model.holomorphic
     x, y = _batch((4,), 2)
     tight = eqp.Picard(tol=1e-13, max_steps=5000)
-    rbp = eqp.RecurrentBackprop(adjoint=eqp.Implicit(tol=1e-13, max_steps=200), solver=tight)
+    rbp = eqp.RecurrentBackprop(adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-13), solver=tight)
     _, g_ref, _ = eqx.filter_jit(rbp)(model, x, y)
     flat = lambda t: jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(t)])
     errs = []
