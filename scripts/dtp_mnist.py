@@ -116,7 +116,7 @@ def run(
         fb_lr / (math.prod(shapes[n - 1][1:]) if len(shapes[n - 1]) == 3 else 1.0)
         for n in range(2, model.num_layers + 1)
     )
-    est = eqp.DTP(variant="ldrl", beta=0.7, feedback_steps=fb_steps, noise=0.1, feedback_lr=lrs)
+    est = eqp.DTP(variant=eqp.LDRL(), beta=0.7, feedback_steps=fb_steps, noise=0.1, feedback_lr=lrs)
     steps_per_epoch = len(xtr) // batch
     sched = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
     opt = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(sched, momentum=0.9))

@@ -15,35 +15,52 @@ from .checks import check_batch, check_steps
 from .phases import finish, phase_solver, relax_phases
 
 
-def with_outputs(s: State, out: Array) -> State:
-    """`s` with its output layer, the last leaf of the state, replaced by `out`."""
-    leaves, treedef = jax.tree_util.tree_flatten(s)
-    return jax.tree_util.tree_unflatten(treedef, [*leaves[:-1], out])
+class Clamp(eqx.Module):
+    """Which state components are outputs (`mask`, a pytree of bools like the state)
+    and their targets (`target`, like the state; used where `mask` is set)."""
+
+    mask: PyTree[Array]
+    target: PyTree[Array]
+
+    def __call__(self, s: State) -> State:
+        """`s` with its outputs set to their targets."""
+        return jax.tree_util.tree_map(jnp.where, self.mask, self.target, s)
 
 
-def output_target(model: AbstractEnergyModel, s: State, y: Array) -> Array:
-    r"""The target t of the output layer (the last leaf of the state `s`) for label `y`.
+def output_clamp(model: AbstractEnergyModel, s: State, y: Array) -> Clamp:
+    r"""The outputs of the state `s` and their targets, read from the cost.
 
-    t is the minimiser of a cost C = ½‖s_out − t‖² over the outputs, read from the
-    cost as −∂C/∂s_out at s_out = 0 (exact in floating point for that form). A cost
-    of another form (e.g. a cross-entropy readout outside the dynamics) has no
-    output layer to clamp: then C is not 0 at t, and t comes back wrapped in a
-    run-time error (`eqx.error_if`) saying so.
+    For a cost C = ½‖P s − t‖², P selecting the outputs (any layout: a last layer, the
+    tail of one vector), ∂C/∂s at s = 0 is −Pᵀt and the Hessian times a vector of ones
+    is Pᵀ1: one forward-over-reverse product gives both, exactly in floating point.
+    A cost of another form (e.g. a cross-entropy readout outside the dynamics) has no
+    outputs to clamp: then that product is not 0/1, or C is not 0 at the clamped state,
+    and the clamp comes back wrapped in a run-time error (`eqx.error_if`) saying so.
     """
-    out = jax.tree_util.tree_leaves(s)[-1]
-    target = -jax.grad(lambda o: model.cost(with_outputs(s, o), y))(jnp.zeros_like(out))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, s)
+    ones = jax.tree_util.tree_map(jnp.ones_like, s)
+    grad, curvature = jax.jvp(jax.grad(lambda u: model.cost(u, y)), (zeros,), (ones,))
+    leaves = jax.tree_util.tree_leaves(curvature)
+    clamp = Clamp(
+        jax.tree_util.tree_map(lambda h: h == 1, curvature),
+        jax.tree_util.tree_map(jnp.negative, grad),
+    )
+    unit = jnp.all(jnp.stack([jnp.all((h == 0) | (h == 1)) for h in leaves]))
+    some = jnp.any(jnp.stack([jnp.any(h == 1) for h in leaves]))
+    ok = unit & some & (model.cost(clamp(s), y) == 0)
     return eqx.error_if(
-        target,
-        model.cost(with_outputs(s, target), y) != 0,
+        clamp,
+        ~ok,
         "ContrastiveHebbian: the outputs cannot be clamped: the model's cost is not "
-        "C = ½‖s_out − t‖² over the last state layer (e.g. a cross-entropy readout outside "
-        "the dynamics). Use a model with an MSE cost on its output layer.",
+        "C = ½‖s_out − t‖² over some of the state's components (e.g. a cross-entropy "
+        "readout outside the dynamics). Use a model with an MSE cost on its outputs.",
     )
 
 
 class ContrastiveHebbian(Estimator):
     r"""Contrastive Hebbian learning (CHL; Movellan 1991), on any energy model whose
-    cost ties its last state layer to the target, C = ½‖s_out − t‖².
+    cost ties some state components, the outputs, to the target: C = ½‖s_out − t‖²
+    (see [`output_clamp`][]).
 
     The free phase relaxes `free_steps` steps from `init_state` to s⁻ = argmin_s E(s, x).
     The clamped phase starts at s⁻ with the outputs set to t and relaxes
@@ -56,7 +73,7 @@ class ContrastiveHebbian(Estimator):
     (for E = −Σ ρ(s_{l+1})ᵀ W_l ρ(s_l) + ..., ΔW_l = −η ĝ = η [ρ(s⁺_{l+1})ρ(s⁺_l)ᵀ −
     ρ(s⁻_{l+1})ρ(s⁻_l)ᵀ]). Both states minimise E over their sets, so ĝ is the exact
     gradient of the contrastive loss J(θ) = E(s⁺) − E(s⁻) ≥ 0, not of the model's
-    loss L. It is EP's β → ∞ limit (Scellier & Bengio 2017, Sec. 5): with C
+    loss L. It is EP's β → ∞ limit (Scellier & Bengio 2017 relate the two): with C
     independent of θ, β·ĝ_EP(β) = ∂E/∂θ(s^β) − ∂E/∂θ(s⁰) → ĝ as s^β → s⁺.
 
     The clamp is applied after each `step`, so s⁺ is the clamped equilibrium when a
@@ -93,12 +110,12 @@ class ContrastiveHebbian(Estimator):
         solver = phase_solver(self.clamped_solver, self.clamped_steps)
 
         def clamped_phase(xi, yi, s0) -> Solution:
-            t = output_target(model, s0, yi)
+            clamp = output_clamp(model, s0, yi)
 
             def f(s, args):
-                return with_outputs(model.step(s, xi, yi, 0.0), t)
+                return clamp(model.step(s, xi, yi, 0.0))
 
-            sol = fixed_point(f, with_outputs(s0, t), solver=solver)
+            sol = fixed_point(f, clamp(s0), solver=solver)
             return jax.tree_util.tree_map(lambda a: a[None], sol)
 
         phases = relax_phases(
@@ -115,4 +132,4 @@ class ContrastiveHebbian(Estimator):
         return finish(model, phases, y, grads, clamped_state=clamped, contrastive_loss=j)
 
 
-__all__ = ["ContrastiveHebbian", "output_target", "with_outputs"]
+__all__ = ["Clamp", "ContrastiveHebbian", "output_clamp"]
