@@ -1,5 +1,6 @@
 """Gradient estimators, one file each, one base class."""
 
+from ..losses import cross_entropy
 from .backprop import Backprop
 from .base import Estimator
 from .bptt import BPTT
@@ -7,7 +8,6 @@ from .continual_ep import ContinualEP
 from .contrastive_hebbian import ContrastiveHebbian
 from .dtp import DRL, DTP, LDRL, FeedbackLoss, Lee
 from .ep import EquilibriumProp
-from .losses import cross_entropy
 from .phases import phase_results
 from .rbp import RecurrentBackprop
 from .resistive_ep import ResistiveEP

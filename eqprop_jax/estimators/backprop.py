@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ..losses import cross_entropy
 from .base import Estimator
 from .checks import check_labels
-from .losses import cross_entropy
 
 
 class Backprop(Estimator):

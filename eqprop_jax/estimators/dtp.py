@@ -46,10 +46,10 @@ import numpy as np
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ..losses import cross_entropy
 from ..models.layered import LayeredNet
 from .base import Estimator
 from .checks import check_beta, check_labels, check_steps
-from .losses import cross_entropy
 
 
 def dtp_targets(

@@ -17,6 +17,7 @@ from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver
 from ..equilibrium.solvers.picard import Picard
+from ..losses import cross_entropy
 from ._checks import check_classifier_input
 from ._conv import conv2d
 from .activations import get_activation
@@ -376,7 +377,7 @@ class ConvHopfield(AbstractEnergyModel):
         target = self._target(y, out.dtype)
         if self.cost_type == "mse":
             return 0.5 * jnp.sum((out - target) ** 2)
-        return -jnp.sum(target * jax.nn.log_softmax(out))
+        return cross_entropy(out, target)
 
     def step(self, s: State, x: Array, y: Array, beta: Any) -> State:
         """s_l ← σ(∂(Φ - βC)/∂s_l), all layers at once or even-then-odd (see class doc).

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..equilibrium import batch_compaction
+from ..losses import cross_entropy
 from ..models.base import AbstractEnergyModel, AbstractModel
 from .progress import Progress
 from .sharding import shard_batch
@@ -21,8 +22,7 @@ def _predict_one(model, x, y, solver):
     model, else the logits `model(x)` of a feedforward net and their cross-entropy."""
     if not isinstance(model, AbstractEnergyModel):
         logits = model(x)
-        logp = jax.nn.log_softmax(logits)
-        return logits, -logp[y]
+        return logits, cross_entropy(logits, y)
     sol = model.relax(x, y, 0.0) if solver is None else model.relax(x, y, 0.0, solver=solver)
     return model.predict(sol.value), model.loss(sol.value, y)
 

@@ -1,4 +1,4 @@
-"""The classification loss shared by the estimators that read class scores directly."""
+"""The classification loss shared by estimators, models and evaluation."""
 
 from __future__ import annotations
 
