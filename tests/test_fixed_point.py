@@ -378,3 +378,24 @@ def test_new_linear_solver_and_adjoint_plug_in():
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree_util.tree_leaves(grad))
     with pytest.raises(TypeError, match="abstract"):
         type("NoApply", (eqp.AbstractAdjoint,), {})()
+
+
+@pytest.mark.parametrize("solver_cls", [eqp.Newton, eqp.Chord])
+@pytest.mark.parametrize("linear_solver", [eqp.GMRES(max_steps=50), eqp.BiCGStab(max_steps=200)],
+                         ids=["gmres", "bicgstab"])
+def test_newton_takes_a_linear_solver_object(solver_cls, linear_solver):
+    """Matrix-free (inexact) Newton/Chord reaches the dense-LU solution, the fixed
+    point that tight Picard iteration finds."""
+    params, x = make_deq(7, d=16)
+    args = (params, x)
+    ref = eqp.fixed_point(cell, jnp.zeros(16), args, solver=TIGHT).value
+    dense = eqp.fixed_point(cell, jnp.zeros(16), args, solver=solver_cls(tol=1e-13)).value
+    sol = eqp.fixed_point(
+        cell, jnp.zeros(16), args,
+        solver=solver_cls(tol=1e-13, linear_solver=linear_solver, linear_tol=1e-13),
+    )
+    assert int(sol.result) == eqp.Result.converged
+    np.testing.assert_allclose(np.asarray(sol.value), np.asarray(ref), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(ref), rtol=0, atol=1e-11)
+    with pytest.raises(TypeError, match="linear_solver"):
+        solver_cls(linear_solver="gmres")

@@ -284,8 +284,9 @@ def fixed_point(
     The derivative of z* follows the implicit function theorem,
     dz*/dθ = (I - ∂f/∂z)⁻¹ ∂f/∂θ, whatever solver found z*; the adjoint's linear
     solver ([`eqprop_jax.AbstractLinearSolver`][]) solves that linear system, with
-    the forward solver's `batch_buckets` under `vmap`. Both `jax.jvp` and `jax.grad` work with the
-    implicit adjoints; [`eqprop_jax.Unrolled`][] works in one mode, reverse by
+    the forward solver's `batch_buckets` under `vmap`. Both `jax.jvp` and
+    `jax.grad` work with the implicit adjoints; [`eqprop_jax.Unrolled`][] works in
+    one mode, reverse by
     default and forward with `mode="forward"`. By default a failed backward solve
     gives NaN in the affected example's derivative (see
     [`eqprop_jax.AbstractLinearAdjoint`][]).

@@ -25,13 +25,13 @@ class Chord(AbstractNewtonSolver):
     Converges linearly, at the rate ρ((I - J_0)⁻¹ (J_k - J_0)) near the solution,
     and exactly in one step when f is affine (Kelley, "Iterative methods for
     linear and nonlinear equations", SIAM 1995, §5.4). With
-    `linear_solver="dense"` I - J_0 is factored once (LU) and each step costs one
-    evaluation of f and two triangular solves; with a Krylov solver each step
-    re-solves with J_0 matrix-free.
+    `linear_solver=None` (dense) I - J_0 is factored once (LU) and each step costs
+    one evaluation of f and two triangular solves; with a linear solver object
+    (`Chord(linear_solver=GMRES())`) each step re-solves with J_0 matrix-free.
 
     Args:
-        linear_solver, linear_tol, linear_max_steps, restart: the linear solves
-            (see [`eqprop_jax.AbstractNewtonSolver`][]).
+        linear_solver, linear_tol: the linear solves (see
+            [`eqprop_jax.AbstractNewtonSolver`][]).
         tol, rtol, max_steps, divergence: see [`eqprop_jax.AbstractSolver`][].
     """
 
@@ -39,7 +39,7 @@ class Chord(AbstractNewtonSolver):
         raise TypeError("Chord needs f to build its Jacobian at z0: call `start(fn, z, fz)`.")
 
     def start(self, fn: FlatFn, z: Array, fz: Array) -> _ChordState:
-        if self.linear_solver == "dense":
+        if self.linear_solver is None:
             _, lin = jax.linearize(fn, z)
             lu, pivots = jsl.lu_factor(dense_system(lin, z))
             return _ChordState(lu, pivots, None)
@@ -47,7 +47,7 @@ class Chord(AbstractNewtonSolver):
 
     def update(self, fn: FlatFn, z: Array, fz: Array, state: _ChordState):
         r = fz - z
-        if self.linear_solver == "dense":
+        if self.linear_solver is None:
             delta = jsl.lu_solve((state.lu, state.pivots), r)
         else:
             _, lin = jax.linearize(fn, state.z0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +10,8 @@ from jax import lax
 from jaxtyping import Array, PyTree
 
 from ... import _checks
-from .._krylov import bicgstab, gmres
+from ..linear_solvers import AbstractLinearSolver
 from .base import AbstractSolver, FlatFn
-
-LinearSolver = Literal["dense", "gmres", "bicgstab"]
-_LINEAR = ("dense", "gmres", "bicgstab")
 
 
 def dense_system(lin: Callable[[Array], Array], z: Array) -> Array:
@@ -29,42 +25,45 @@ class AbstractNewtonSolver(AbstractSolver):
     """Shared settings of [`eqprop_jax.Newton`][] and [`eqprop_jax.Chord`][]: how the
     linear system (I - J) δ = f(z) - z of each step is solved.
 
-    - `"dense"` (default): I - J is formed from d Jacobian-vector products and solved
-      by LU, as optimistix's default linear solver does for a square Jacobian. Exact;
-      O(d) JVPs and O(d³) work per factorisation, so for states up to a few thousand.
-    - `"gmres"` / `"bicgstab"`: the library's matrix-free Krylov solvers
-      (`eqprop_jax._krylov`) to relative tolerance `linear_tol` (None: the dtype's
-      [`eqprop_jax.default_tol`][]) in at most `linear_max_steps` iterations (GMRES:
-      restart cycles of `restart` steps): inexact Newton (Dembo, Eisenstat &
-      Steihaug, SIAM J. Numer. Anal. 1982). The Krylov solve is wrapped in
-      `jax.lax.custom_linear_solve`, so [`eqprop_jax.Unrolled`][] differentiates it
-      by its own implicit rule instead of through its loop.
+    - `linear_solver=None` (default): I - J is formed from d Jacobian-vector
+      products and solved by LU, as optimistix's default linear solver does for a
+      square Jacobian. Exact; O(d) JVPs and O(d³) work per factorisation, so for
+      states up to a few thousand.
+    - a linear solver object ([`eqprop_jax.GMRES`][], [`eqprop_jax.BiCGStab`][], ...,
+      e.g. `Newton(linear_solver=GMRES(max_steps=50))`): matrix-free, to relative
+      tolerance `linear_tol` (None: the dtype's [`eqprop_jax.default_tol`][]) within
+      the object's step budget: inexact Newton (Dembo, Eisenstat & Steihaug, SIAM J.
+      Numer. Anal. 1982). The solve runs in lockstep (one bucket: it sits inside the
+      solver's own compacted loop) and is wrapped in `jax.lax.custom_linear_solve`,
+      so [`eqprop_jax.Unrolled`][] differentiates it by its own implicit rule
+      instead of through its loop.
 
     A step whose solve gives NaN/inf (a singular I - J) falls back to plain
     iteration, z_{k+1} = f(z_k).
     """
 
-    linear_solver: LinearSolver = "dense"
+    linear_solver: AbstractLinearSolver | None = None
     linear_tol: float | None = None
-    linear_max_steps: int = 50
-    restart: int = 20
 
     def __check_init__(self):
         super().__check_init__()
         who = type(self).__name__
-        _checks.choice(who, "linear_solver", self.linear_solver, _LINEAR)
+        if self.linear_solver is not None and not isinstance(
+            self.linear_solver, AbstractLinearSolver
+        ):
+            raise TypeError(
+                f"{who}: `linear_solver` must be None (dense LU) or an eqprop_jax linear "
+                f"solver (GMRES(), BiCGStab(), ...), got {self.linear_solver!r}."
+            )
         _checks.tolerance(who, "linear_tol", self.linear_tol)
-        _checks.positive_int(who, "linear_max_steps", self.linear_max_steps)
-        _checks.positive_int(who, "restart", self.restart)
 
     def _krylov(self, op: Callable[[Array], Array], r: Array) -> Array:
         tol = _checks.default_tol(r.dtype) if self.linear_tol is None else self.linear_tol
+        linear_solver = self.linear_solver
 
         def solve(op, b):
             # One bucket: the solve runs inside the solver's own (compacted) loop.
-            if self.linear_solver == "gmres":
-                return gmres(op, b, tol, self.linear_max_steps, self.restart, 1)[0]
-            return bicgstab(op, b, tol, self.linear_max_steps, 1)[0]
+            return linear_solver.solve(op, b, tol, 1)[0]
 
         return lax.custom_linear_solve(op, r, solve=solve, transpose_solve=solve)
 
@@ -87,8 +86,8 @@ class Newton(AbstractNewtonSolver):
     default.
 
     Args:
-        linear_solver, linear_tol, linear_max_steps, restart: the linear solve of
-            each step (see [`eqprop_jax.AbstractNewtonSolver`][]).
+        linear_solver, linear_tol: the linear solve of each step (see
+            [`eqprop_jax.AbstractNewtonSolver`][]).
         tol, rtol, max_steps, divergence: see [`eqprop_jax.AbstractSolver`][].
     """
 
@@ -98,7 +97,7 @@ class Newton(AbstractNewtonSolver):
     def update(self, fn: FlatFn, z: Array, fz: Array, state: PyTree) -> tuple[Array, PyTree]:
         _, lin = jax.linearize(fn, z)
         r = fz - z
-        if self.linear_solver == "dense":
+        if self.linear_solver is None:
             delta = jnp.linalg.solve(dense_system(lin, z), r)
         else:
             delta = self._krylov(lambda v: v - lin(v), r)
