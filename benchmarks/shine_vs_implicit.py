@@ -68,7 +68,10 @@ def main():
         f"d={a.d} batch={a.batch} float32 Broyden(tol=1e-5, history=40), forward steps "
         f"{int(steps.min())}-{int(steps.max())} (mean {float(steps.mean()):.1f}); loadavg {load}"
     )
-    print("| backward | grad CPU s (median) | forward CPU s | grad - forward | angle to Implicit (deg) |")
+    print(
+        "| backward | grad CPU s (median) | forward CPU s | grad - forward "
+        "| angle to Implicit (deg) |"
+    )
     print("|---|---|---|---|---|")
     for n, (tg, tf) in times.items():
         g = grads[n]

@@ -324,3 +324,31 @@ def test_shine_forward_mode_and_errors():
         eqp.fixed_point(cell, jnp.zeros(D), (w, xs[0]), adjoint=eqp.SHINE())
     with pytest.raises(ValueError, match="threshold"):
         eqp.SHINE(threshold=-1.0)
+
+
+def test_trace_of_a_pytree_state_and_a_fixed_step_solve():
+    w, xs = _problem()
+    x = xs[0]
+
+    def f_tree(z, args):
+        out = cell(jnp.concatenate([z["a"], z["b"]]), args)
+        return {"a": out[:2], "b": out[2:]}
+
+    solver = eqp.Anderson(tol=1e-10)
+    flat = eqp.fixed_point(cell, jnp.zeros(D), (w, x), solver=solver,
+                           trace=eqp.Trace(9, iterates=True))
+    tree = eqp.fixed_point(f_tree, {"a": jnp.zeros(2), "b": jnp.zeros(D - 2)}, (w, x),
+                           solver=solver, trace=eqp.Trace(9, iterates=True))
+    assert tree.iterates["a"].shape == (9, 2) and tree.iterates["b"].shape == (9, D - 2)
+    np.testing.assert_allclose(
+        jnp.concatenate([tree.iterates["a"], tree.iterates["b"]], axis=1), flat.iterates,
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(tree.stats.trace, flat.stats.trace, rtol=1e-9, atol=1e-4)
+    # A fixed-step solve records the unscaled residual |f(z) - z|, as stats.residual.
+    fixed = eqp.fixed_point(cell, jnp.zeros(D), (w, x), solver=eqp.Picard(tol=0, max_steps=4),
+                            trace=6)
+    zs, _, _ = _by_hand(eqp.Picard(tol=1e-300, max_steps=4), cell, jnp.zeros(D), (w, x))
+    ref = [float(jnp.max(jnp.abs(cell(z, (w, x)) - z))) for z in zs]
+    np.testing.assert_allclose(fixed.stats.trace[:4], ref, rtol=1e-12)
+    assert np.all(np.isnan(fixed.stats.trace[4:]))
