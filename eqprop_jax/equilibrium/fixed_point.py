@@ -116,7 +116,7 @@ def _iterate(
     record: Recorder | None = None,
 ):
     """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual),
-    followed, when a `record` ([`trace.Recorder`][]) is given, by what it recorded.
+    followed, when a `record` (`trace.Recorder`) is given, by what it recorded.
 
     `loop(cond, body, init, *, max_steps, buckets)`: the while loop, the adjoint's
     choice (a [`eqprop_jax.ragged_while_loop`][], or one autodiff can go through).
@@ -318,6 +318,8 @@ def fixed_point(
         probe = _check_probe(probe)
 
     trace = as_trace(trace)
+    if not isinstance(spectral_radius, bool):
+        raise TypeError(f"fixed_point: `spectral_radius` must be a bool, got {spectral_radius!r}.")
     # The trace, and the solver's final state for an adjoint that reuses it (SHINE).
     record = None
     if trace is not None or getattr(adjoint, "needs_solver_state", False):

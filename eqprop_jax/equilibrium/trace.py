@@ -64,7 +64,7 @@ def as_trace(trace: int | Trace | None) -> Trace | None:
 
 
 class Recorded(eqx.Module):
-    """What a [`Recorder`][] returns after the solve (absent parts are None)."""
+    """What a `Recorder` returns after the solve (absent parts are None)."""
 
     residual: Float[Array, "... K"] | None
     iterates: Float[Array, "... K d"] | None
