@@ -4,9 +4,11 @@ from importlib import metadata as _metadata
 
 from . import data, train  # the submodules eqp.data and eqp.train
 from ._checks import default_tol
+from .correction import fixed_point_correction
 from .diagnostics import gradient_alignment
 from .equilibrium import (
     GMRES,
+    SHINE,
     AbstractAdjoint,
     AbstractLinearAdjoint,
     AbstractLinearSolver,
@@ -29,6 +31,7 @@ from .equilibrium import (
     Richardson,
     Solution,
     Stats,
+    Trace,
     Unrolled,
     adjoint_probe,
     batch_compaction,
@@ -117,9 +120,11 @@ __all__ = [
     "ResistiveNetwork",
     "Result",
     "Richardson",
+    "SHINE",
     "Solution",
     "SpectralRadius",
     "Stats",
+    "Trace",
     "Unrolled",
     "VectorFieldEP",
     "VectorFieldMLP",
@@ -129,6 +134,7 @@ __all__ = [
     "custom_root",
     "default_tol",
     "fixed_point",
+    "fixed_point_correction",
     "gradient_alignment",
     "jacobian_frobenius",
     "ragged_while_loop",

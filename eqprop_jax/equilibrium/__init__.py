@@ -32,6 +32,7 @@ from .custom import custom_fixed_point, custom_root
 from .fixed_point import fixed_point
 from .linear_solvers import GMRES, AbstractLinearSolver, BiCGStab, NormalCG, Richardson
 from .root_find import root_find
+from .shine import SHINE
 from .solvers import (
     AbstractNewtonSolver,
     AbstractSolver,
@@ -41,6 +42,7 @@ from .solvers import (
     Newton,
     Picard,
 )
+from .trace import Trace
 
 __all__ = [
     "BATCH_BUCKETS",
@@ -65,8 +67,10 @@ __all__ = [
     "Picard",
     "Result",
     "Richardson",
+    "SHINE",
     "Solution",
     "Stats",
+    "Trace",
     "Unrolled",
     "adjoint_probe",
     "batch_compaction",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jax import lax
 from jaxtyping import Array, PyTree
@@ -21,6 +22,13 @@ from ._solution import Result
 
 # linear_solve(matvec, b) -> (x, statistics (steps, residual, failed))
 LinearSolve = Callable[[Callable[[Array], Array], Array], tuple[Array, Array]]
+
+
+def zero_tangent(x: Array) -> Array:
+    """A zero tangent for `x`: float0 for integer and boolean arrays."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def implicit_jvp(
@@ -87,7 +95,9 @@ def implicit_jvp(
         if not best_so_far:
             dz = dz * jnp.where(out[1] == Result.nonfinite, jnp.nan, 1).astype(dz.dtype)
         t_int = np.zeros(out[1].shape, jax.dtypes.float0)
-        return out, (dz, t_int, np.zeros(out[2].shape, jax.dtypes.float0), jnp.zeros_like(out[3]))
+        t_out = (dz, t_int, np.zeros(out[2].shape, jax.dtypes.float0), jnp.zeros_like(out[3]))
+        # What a solve records besides its answer (trace.Recorder) carries no derivative.
+        return out, t_out + jtu.tree_map(zero_tangent, tuple(out[4:]))
 
     return solve(dyn, z0, probe)
 

@@ -119,11 +119,16 @@ class Stats(eqx.Module):
     """Per-solve statistics: `steps` taken and the final scaled residual.
 
     `residual` is max_i |f(z)_i - z_i| / (atol + rtol |z_i|): the solve converged
-    when it is at most 1.
+    when it is at most 1. On request only (None otherwise): `trace`, the residual
+    after each of the first K updates (`fixed_point(..., trace=K)`, see
+    [`eqprop_jax.Trace`][]), and `spectral_radius`, ρ(∂f/∂z) at the returned value
+    (`fixed_point(..., spectral_radius=True)`).
     """
 
     steps: Int[Array, "..."]
     residual: Float[Array, "..."]
+    trace: Float[Array, "... K"] | None = None
+    spectral_radius: Float[Array, "..."] | None = None
 
 
 class Solution(eqx.Module):
@@ -135,12 +140,15 @@ class Solution(eqx.Module):
         stats: [`eqprop_jax.Stats`][] (steps and residual).
         aux: with `has_aux=True`, the auxiliary output of f evaluated at the
             returned `value` (differentiable like `value`); otherwise None.
+        iterates: with `trace=Trace(K, iterates=True)`, the iterates z_1, …, z_K
+            (leading axis K; see [`eqprop_jax.Trace`][]); otherwise None.
     """
 
     value: PyTree[Array]
     result: Int[Array, "..."]
     stats: Stats
     aux: PyTree = None
+    iterates: PyTree | None = None
 
     @property
     def converged(self) -> Array:

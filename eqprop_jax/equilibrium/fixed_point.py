@@ -16,6 +16,7 @@ from ._solution import Result, Solution, Stats
 from .adjoints import AbstractAdjoint, Implicit
 from .solvers.base import AbstractSolver, residuals
 from .solvers.picard import Picard
+from .trace import Recorder, Trace, as_trace, with_spectral_radius, with_trace
 
 _RUNNING = -1
 
@@ -112,8 +113,10 @@ def _iterate(
     tols: tuple[float, float],
     min_steps: int = 0,
     best_so_far: bool = False,
+    record: Recorder | None = None,
 ):
-    """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual).
+    """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual),
+    followed, when a `record` (`trace.Recorder`) is given, by what it recorded.
 
     `loop(cond, body, init, *, max_steps, buckets)`: the while loop, the adjoint's
     choice (a [`eqprop_jax.ragged_while_loop`][], or one autodiff can go through).
@@ -165,6 +168,7 @@ def _iterate(
         res0,
         abs0,
         keep,
+        () if record is None else record.init(z0),
         status(res0, abs0, abs0, 0),
     )
 
@@ -172,7 +176,7 @@ def _iterate(
         return carry[-1] == _RUNNING
 
     def body(carry):
-        z, fz, state, step, _, best, keep, _ = carry
+        z, fz, state, step, _, best, keep, rec, _ = carry
         z, state = solver.update(fn, z, fz, state)
         fz = fn(z)
         res, absolute = measure(z, fz)
@@ -182,13 +186,15 @@ def _iterate(
             z_best, res_best = keep
             better = (res < res_best) & (step >= min_steps)
             keep = (jnp.where(better, z, z_best), jnp.where(better, res, res_best))
-        return z, fz, state, step, res, jnp.minimum(best, absolute), keep, result
+        if record is not None:
+            rec = record.update(rec, step, z, state, res)
+        return z, fz, state, step, res, jnp.minimum(best, absolute), keep, rec, result
 
     # A fixed-step solve stops an example early only when f(z) = z holds exactly, so
     # compaction would only add compiled copies of the body.
     buckets = 1 if fixed else solver.batch_buckets
     out = loop(cond, body, init, max_steps=solver.max_steps, buckets=buckets)
-    z, _, _, step, res, _, keep, result = out
+    z, _, state, step, res, _, keep, rec, result = out
     # A non-finite solve returns NaN, never a finite iterate that looks valid...
     z = jnp.where(result == Result.nonfinite, jnp.nan, z).astype(z.dtype)
     if best_so_far:
@@ -198,6 +204,8 @@ def _iterate(
         found = res_best < jnp.inf
         z = jnp.where(found, z_best, z)
         res = jnp.where(found, res_best, res)
+    if record is not None:
+        return z, result, step, res.astype(real), record.finish(rec, out[0], step, state)
     return z, result, step, res.astype(real)
 
 
@@ -212,6 +220,8 @@ def fixed_point(
     best_so_far: bool = False,
     throw: bool = False,
     probe: Array | None = None,
+    trace: int | Trace | None = None,
+    spectral_radius: bool = False,
 ) -> Solution:
     r"""Solve z* = f(z*, args) and make the answer differentiable.
 
@@ -250,6 +260,13 @@ def fixed_point(
         probe: an [`eqprop_jax.adjoint_probe`][]; differentiate with respect to it to
             receive the backward (adjoint) solves' statistics as its cotangent,
             without any host callback. Unused by [`eqprop_jax.Unrolled`][].
+        trace: record the residual after each of the first K updates (`trace=K`), and
+            with [`eqprop_jax.Trace`][]`(K, iterates=True)` the iterates, into
+            `stats.trace` and `Solution.iterates` (see [`eqprop_jax.Trace`][]: NaN
+            after the solve stopped). None (default) records nothing.
+        spectral_radius: add a power-method estimate of ρ(∂f/∂z) at the returned
+            value to `stats.spectral_radius` ([`eqprop_jax.spectral_radius`][] with
+            its defaults; no derivative), one per example under `vmap`.
 
     Returns:
         A [`eqprop_jax.Solution`][] with `value`, `result`, `stats` and `aux`.
@@ -300,18 +317,37 @@ def fixed_point(
     if probe is not None:
         probe = _check_probe(probe)
 
+    trace = as_trace(trace)
+    if not isinstance(spectral_radius, bool):
+        raise TypeError(f"fixed_point: `spectral_radius` must be a bool, got {spectral_radius!r}.")
+    # The trace, and the solver's final state for an adjoint that reuses it (SHINE).
+    record = None
+    if trace is not None or getattr(adjoint, "needs_solver_state", False):
+        record = Recorder(
+            0 if trace is None else trace.steps,
+            trace is not None and trace.iterates,
+            getattr(adjoint, "needs_solver_state", False),
+        )
+
     def primal(inputs, loop, min_steps):
         dyn, z0 = inputs
         fn = lambda z: flat_fn(dyn, z)
-        return _iterate(solver, fn, z0, loop, tols, min_steps, best_so_far)
+        return _iterate(solver, fn, z0, loop, tols, min_steps, best_so_far, record)
 
     out = adjoint.apply(
         primal, flat_fn, (dyn, flat0), solver, probe=probe, best_so_far=best_so_far
     )
-    z, result, steps, res = out
+    z, result, steps, res = out[:4]
+    recorded = out[4] if record is not None else None
     if throw:
         code = jnp.clip(result, 0, len(Result) - 1)
         z = Result.item(code).error_if(z, result != Result.converged)
     value = unravel(z)
     aux = f(value, args)[1] if has_aux else None
-    return Solution(value, result, Stats(steps, res), aux)
+    stats = Stats(steps, res)
+    iterates = None
+    if recorded is not None:
+        stats, iterates = with_trace(stats, recorded, unravel)
+    if spectral_radius:
+        stats = with_spectral_radius(stats, f_z, value, args)
+    return Solution(value, result, stats, aux, iterates)

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ..correction import fixed_point_correction
 from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint, Implicit
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver
 from ..equilibrium.solvers.picard import Picard
+from ..equilibrium.trace import Trace
 
 
 class _StaticFn(eqx.Module):
@@ -201,11 +203,19 @@ class DEQ(eqx.Module):
                 "batch use jax.vmap(deq)(xs))."
             ) from e
 
-    def solve(self, x: PyTree[Array], *, probe: Array | None = None) -> Solution:
+    def solve(
+        self,
+        x: PyTree[Array],
+        *,
+        probe: Array | None = None,
+        trace: int | Trace | None = None,
+        spectral_radius: bool = False,
+    ) -> Solution:
         """The full [`eqprop_jax.Solution`][] (value, result, stats) for one example `x`.
 
         `probe`: an [`eqprop_jax.adjoint_probe`][] whose cotangent reports the
-        backward solve's statistics (see [`eqprop_jax.fixed_point`][]).
+        backward solve's statistics; `trace`, `spectral_radius`: the convergence trace
+        and ρ(∂f/∂z) at z* in `stats` (see [`eqprop_jax.fixed_point`][]).
         """
         return fixed_point(
             lambda z, x: self.cell(z, x),
@@ -214,7 +224,32 @@ class DEQ(eqx.Module):
             solver=self.solver,
             adjoint=self.adjoint,
             probe=probe,
+            trace=trace,
+            spectral_radius=spectral_radius,
         )
+
+    def correction_loss(
+        self,
+        x: PyTree[Array],
+        loss: Callable[[PyTree], Array],
+        *,
+        trace_steps: int,
+        n_states: int = 3,
+        gamma: float = 0.8,
+        k: int = 1,
+        damping: float = 1.0,
+    ) -> tuple[PyTree[Array], Array]:
+        """z* for `x` and the fixed-point correction loss Σ_j γ^{m-j} loss(ẑ_j) on m
+        iterates of its solve ([`eqprop_jax.fixed_point_correction`][], Bai, Koltun &
+        Kolter 2022), from one solve that records its first `trace_steps` iterates.
+        z* is differentiated by `adjoint`, the correction terms by their phantom
+        gradient."""
+        sol = self.solve(x, trace=Trace(trace_steps, iterates=True))
+        corr = fixed_point_correction(
+            lambda z, x: self.cell(z, x), sol.iterates, sol.stats.steps, x, loss,
+            n_states=n_states, gamma=gamma, k=k, damping=damping,
+        )
+        return sol.value, corr
 
     def __call__(
         self, x: PyTree[Array], *, key: jax.Array | None = None, probe: Array | None = None
