@@ -48,7 +48,7 @@ backward solves use the forward solver's `batch_buckets`.
 import abc
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -159,7 +159,13 @@ class AbstractAdjoint(eqx.Module):
     the derivative its answer gets. Two kinds: [`eqprop_jax.AbstractLinearAdjoint`][]
     (the implicit function theorem: a linear solve at the fixed point) and
     [`eqprop_jax.Unrolled`][] (autodiff through the iterations).
+
+    `needs_solver_state`: whether `apply`'s solve must also return the forward
+    solver's final state (e.g. [`eqprop_jax.SHINE`][] reuses Broyden's inverse
+    estimate); False for every adjoint that only needs the fixed point.
     """
+
+    needs_solver_state: ClassVar[bool] = False
 
     @abc.abstractmethod
     def apply(

@@ -322,11 +322,11 @@ def fixed_point(
         raise TypeError(f"fixed_point: `spectral_radius` must be a bool, got {spectral_radius!r}.")
     # The trace, and the solver's final state for an adjoint that reuses it (SHINE).
     record = None
-    if trace is not None or getattr(adjoint, "needs_solver_state", False):
+    if trace is not None or adjoint.needs_solver_state:
         record = Recorder(
             0 if trace is None else trace.steps,
             trace is not None and trace.iterates,
-            getattr(adjoint, "needs_solver_state", False),
+            adjoint.needs_solver_state,
         )
 
     def primal(inputs, loop, min_steps):
