@@ -1,6 +1,6 @@
 """Helpers shared by the test files: flattening and comparing pytrees, running an
 estimator compiled once, random classification batches, and the environment of a
-test that starts a Python subprocess.
+test that starts a Python subprocess, and loading a script or benchmark by path.
 
 pytest puts `tests/` on sys.path (the folder has no `__init__.py`), so a test file
 imports these as `from helpers import rel_err`.
@@ -8,7 +8,9 @@ imports these as `from helpers import rel_err`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -60,3 +62,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def load_source(folder: str, name: str, monkeypatch):
+    """Import `<repo>/<folder>/<name>.py` as `python <folder>/<name>.py` sees it: its
+    folder on sys.path (for `_timing`, `_common`), the module registered in
+    sys.modules under `_eqprop_<folder>_<name>` (its dataclasses look it up there).
+    Both are undone with `monkeypatch` after the test."""
+    root = REPO / folder
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location(f"_eqprop_{folder}_{name}", root / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
