@@ -54,10 +54,8 @@ from eqprop_jax.diagnostics.dtp import backprop_gradients
 from eqprop_jax.models.layered import LayeredNet
 from eqprop_jax.models.resistive import ResistiveNetwork
 
-try:  # run as `python benchmarks/gpu.py` or imported as `benchmarks.gpu`
-    from _timing import machine_info, time_jitted
-except ImportError:  # pragma: no cover
-    from benchmarks._timing import machine_info, time_jitted
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import machine_info, time_jitted, train_step  # noqa: E402
 
 SECTIONS = ("dchn", "pcnn", "vgg", "mlp", "solvers")
 VGG_STEPS = (20, 30, 35, 55, 20)
@@ -83,17 +81,6 @@ class Row:
 
 
 # -- steps ----------------------------------------------------------------------------
-
-
-def ep_step(model, est, opt):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def step(params, opt_state, x, y):
-        loss, grads, _ = est(eqx.combine(params, static), x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, (params, opt.init(params))
 
 
 def dtp_step(model, est, opt, *, backprop: bool):
@@ -232,7 +219,7 @@ def run_ep_row(section, name, batch, settings, build, est, opt, epoch, dtype) ->
     kx, ky = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.uniform(kx, (batch, *shape), dt)
     y = jax.random.randint(ky, (batch,), 0, 10)
-    step, state = ep_step(model, est, opt)
+    step, state = train_step(model, est, opt)
     timing, _ = time_jitted(step, *state, x, y, min_runs=3, max_runs=10, min_time=1.0)
     row.compile_s, row.step_s = timing.compile_s, timing.median_s
     if epoch:
