@@ -105,6 +105,13 @@ def dtp_step(model, est, opt, *, backprop: bool):
 # -- rows -----------------------------------------------------------------------------
 
 
+def _dchn(channels, **kw):
+    """The CIFAR-10 DCHN of both settings: 3x3 convs, padding 1, clipped activation."""
+    return lambda dt, key: eqp.ConvHopfield(
+        (3, 32, 32), channels, 3, 10, paddings=1, activation="clip_half", dtype=dt, key=key, **kw
+    )
+
+
 def dchn_rows(tiny: bool):
     ch = (4, 4, 4, 4) if tiny else (128, 256, 512, 512)
     b = 2 if tiny else 128
@@ -113,17 +120,7 @@ def dchn_rows(tiny: bool):
         "DCHN (rain: async MSE, T 60 / K 15x2, β 0.25)",
         b,
         f"convs {'-'.join(map(str, ch))}, T {free}/{nudged} centered",
-        lambda dt, key: eqp.ConvHopfield(
-            (3, 32, 32),
-            ch,
-            3,
-            10,
-            paddings=1,
-            activation="clip_half",
-            update="async",
-            dtype=dt,
-            key=key,
-        ),
+        _dchn(ch, update="async"),
         eqp.EquilibriumProp(beta=0.25, variant="centered", free_steps=free, nudged_steps=nudged),
         optax.sgd(0.05, momentum=0.9),
         None,
@@ -133,18 +130,7 @@ def dchn_rows(tiny: bool):
         "DCHN (Laborieux 2021: sync CE, T 250 / K 30x2, β 1)",
         b,
         f"convs {'-'.join(map(str, ch))}, T {free}/{nudged} centered",
-        lambda dt, key: eqp.ConvHopfield(
-            (3, 32, 32),
-            ch,
-            3,
-            10,
-            paddings=1,
-            activation="clip_half",
-            cost="ce",
-            update="sync",
-            dtype=dt,
-            key=key,
-        ),
+        _dchn(ch, cost="ce", update="sync"),
         eqp.EquilibriumProp(beta=1.0, variant="centered", free_steps=free, nudged_steps=nudged),
         optax.sgd(0.05, momentum=0.9),
         50_000,
