@@ -125,7 +125,12 @@ def main(argv=None):
                 )
             compile_s, per_sweep, cpu = time_sweeps(model, x, y, args.sweeps, args.repeats)
             row = (
-                hidden, batch, *conv, compile_s, 1e3 * per_sweep, 1e6 * per_sweep / batch,
+                hidden,
+                batch,
+                *conv,
+                compile_s,
+                1e3 * per_sweep,
+                1e6 * per_sweep / batch,
                 1e3 * cpu,
             )
             rows.append(row)

@@ -115,8 +115,11 @@ def fit_by_epoch(
     per_call = dataclasses.replace(
         config, **{f: getattr(defaults, f) for f in config.changed_optimizer_fields()}
     )
-    def quiet(line: str) -> None:  # every epoch but the first resumes: not news
-        if not line.startswith("resuming from"):
+
+    def quiet(line: str) -> None:
+        # Every call but the first resumes, and every call ends with a summary of its
+        # own session: the run's summary is logged once, below.
+        if not line.startswith(("resuming from", "done: ")):
             log(line)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +130,13 @@ def fit_by_epoch(
         for epoch in range(start_epoch, config.epochs + 1):
             cfg = dataclasses.replace(per_call, epochs=epoch)
             result = fit(
-                model, estimator, data, cfg, optimizer=optimizer, out_dir=folder, resume=epoch > 1,
+                model,
+                estimator,
+                data,
+                cfg,
+                optimizer=optimizer,
+                out_dir=folder,
+                resume=epoch > 1,
                 run_info=run_info,
                 log=quiet,
             )
@@ -139,4 +148,11 @@ def fit_by_epoch(
             if budget_s is not None and elapsed + row["epoch_time_s"] > budget_s:
                 log(f"stopped after epoch {epoch}: {elapsed:.0f} s of a {budget_s:.0f} s budget")
                 break
+    if rows:
+        best = max(rows, key=lambda r: r["test_accuracy"])
+        log(
+            f"done: epoch {rows[-1]['epoch']}, test accuracy "
+            f"{100 * rows[-1]['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% "
+            f"at epoch {best['epoch']}), {time.perf_counter() - start:.0f} s"
+        )
     return result, rows

@@ -156,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         return {}
 
     fit_by_epoch(
-        model, est, data, cfg, out_dir=out, after_epoch=after_epoch, start_epoch=done,
+        model,
+        est,
+        data,
+        cfg,
+        out_dir=out,
+        after_epoch=after_epoch,
+        start_epoch=done,
         run_info=info,
     )
     return 0

@@ -34,9 +34,7 @@ from eqprop_jax.train import TrainConfig, evaluate
 
 def decayed_sgd(lr: float, decay: float, steps_per_epoch: int) -> optax.GradientTransformation:
     """SGD at rate lr · decay^epoch (the authors' per-epoch decay, Scellier 2024)."""
-    return optax.sgd(
-        optax.exponential_decay(lr, steps_per_epoch, decay, staircase=True)
-    )
+    return optax.sgd(optax.exponential_decay(lr, steps_per_epoch, decay, staircase=True))
 
 
 def main(argv=None):
@@ -101,9 +99,7 @@ def main(argv=None):
     )
     err0 = 1 - evaluate(model, data.x_test, data.y_test, batch_size=1000, solver=solver)["accuracy"]
     print(f"epoch 0: test error {100 * err0:.2f}%", flush=True)
-    _, history = fit_by_epoch(
-        model, estimator, data, cfg, optimizer=tx, budget_s=args.time_budget
-    )
+    _, history = fit_by_epoch(model, estimator, data, cfg, optimizer=tx, budget_s=args.time_budget)
     rows = [
         (
             r["epoch"],

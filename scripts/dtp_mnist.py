@@ -177,8 +177,7 @@ def write_table(args, cli, rows):
         "batches. Angles (degrees) per layer "
         "F_1..F_N on 256 test images, DTP update at β = 0.01 vs backprop; weight∠ is W_n vs "
         "V_nᵀ (conv: kernel vs transposed kernel; '-' for layer 1, which has no feedback).\n",
-        "| net | method | test error | time/epoch (s) | weight∠ W vs Vᵀ | update∠ vs BP "
-        "| GN∠ |",
+        "| net | method | test error | time/epoch (s) | weight∠ W vs Vᵀ | update∠ vs BP | GN∠ |",
         "|---|---|---|---|---|---|---|",
     ]
     for arch, method, h in rows:

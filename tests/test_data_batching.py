@@ -95,8 +95,9 @@ def test_random_crop_flip_is_a_pure_function_of_its_key_and_jits():
     jitted = jax.jit(random_crop_flip, static_argnames="padding")(key, x, padding=4)
     assert eager.shape == x.shape and eager.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
-    assert not np.array_equal(np.asarray(random_crop_flip(jax.random.PRNGKey(10), x)),
-                              np.asarray(eager))
+    assert not np.array_equal(
+        np.asarray(random_crop_flip(jax.random.PRNGKey(10), x)), np.asarray(eager)
+    )
 
 
 @pytest.mark.parametrize("shape", [(5, 5, 2), (2, 3, 5, 5, 2)])

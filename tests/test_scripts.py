@@ -36,8 +36,12 @@ def test_fit_by_epoch_follows_the_trajectory_of_one_fit_call(common):
     whole = fit(model, est, data, cfg, log=lambda _: None)
     seen = []
     last, rows = common.fit_by_epoch(
-        model, est, data, cfg, after_epoch=lambda r: seen.append(r.history[-1]["epoch"]) or {
-            "marker": len(seen)}, log=lambda _: None,
+        model,
+        est,
+        data,
+        cfg,
+        after_epoch=lambda r: seen.append(r.history[-1]["epoch"]) or {"marker": len(seen)},
+        log=lambda _: None,
     )
     assert seen == [1, 2, 3] and [r["marker"] for r in rows] == [1, 2, 3]
     for a, b in zip(_params(last.model), _params(whole.model), strict=True):
@@ -61,8 +65,21 @@ def test_ep_mnist_p1h_smoke(monkeypatch, tmp_path):
     out = tmp_path / "ep.md"
     with jax.enable_x64(False):
         results = script.main(
-            ["--smoke", "--epochs", "2", "--hidden", "8", "--free", "4", "--nudged", "2",
-             "--batch", "10", "--out", str(out)]
+            [
+                "--smoke",
+                "--epochs",
+                "2",
+                "--hidden",
+                "8",
+                "--free",
+                "4",
+                "--nudged",
+                "2",
+                "--batch",
+                "10",
+                "--out",
+                str(out),
+            ]
         )
     assert set(results) == {"ep", "bptt"}
     for rows in results.values():
@@ -77,8 +94,7 @@ def test_drn_mnist_smoke(monkeypatch):
     script = load_source("scripts", "drn_mnist", monkeypatch)
     with jax.enable_x64(False):
         rows = script.main(
-            ["--smoke", "--epochs", "2", "--train-size", "16", "--test-size", "8",
-             "--hidden", "16"]
+            ["--smoke", "--epochs", "2", "--train-size", "16", "--test-size", "8", "--hidden", "16"]
         )
     assert [r[0] for r in rows] == [1, 2]
     assert all(np.isfinite(r[2]) for r in rows)
@@ -97,8 +113,23 @@ def test_dtp_mnist_smoke(monkeypatch, tmp_path):
     out = tmp_path / "dtp.md"
     with jax.enable_x64(False):
         rows = script.main(
-            ["--smoke", "--arch", "mlp", "--epochs", "1", "--batch", "8", "--train-size",
-             "16", "--test-size", "8", "--fb-steps", "1", "--out", str(out)]
+            [
+                "--smoke",
+                "--arch",
+                "mlp",
+                "--epochs",
+                "1",
+                "--batch",
+                "8",
+                "--train-size",
+                "16",
+                "--test-size",
+                "8",
+                "--fb-steps",
+                "1",
+                "--out",
+                str(out),
+            ]
         )
     assert [(a, m) for a, m, _ in rows] == [("mlp", "ldrl"), ("mlp", "bp")]
     ldrl = rows[0][2][-1]
