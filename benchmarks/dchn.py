@@ -67,7 +67,7 @@ NETS = {
             in_shape=(3, 32, 32),
             channels=(128, 256, 512, 512),
             kernel_sizes=3,
-            n_out=10,
+            n_outputs=10,
             paddings=1,
             activation="clip_half",
             update="async",
@@ -79,7 +79,7 @@ NETS = {
             in_shape=(1, 28, 28),
             channels=(32, 64),
             kernel_sizes=5,
-            n_out=10,
+            n_outputs=10,
             paddings=0,
             activation="hard_sigmoid",
             update="sync",
@@ -113,7 +113,7 @@ def build(net: str, dtype, *, key, channels=None, in_shape=None, update=None, re
         kw.pop("in_shape"),
         kw.pop("channels"),
         kw.pop("kernel_sizes"),
-        kw.pop("n_out"),
+        kw.pop("n_outputs"),
         dtype=dtype,
         key=key,
         **kw,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build(args.net, dtype, key=key, channels=args.channels, update=args.update)
     kx, ky = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.uniform(kx, (cfg["batch"], *model.in_shape), dtype)
-    y = jax.random.randint(ky, (cfg["batch"],), 0, model.n_out)
+    y = jax.random.randint(ky, (cfg["batch"],), 0, model.n_outputs)
     est = eqp.EquilibriumProp(
         beta=cfg["beta"], variant=cfg["variant"], free_steps=cfg["free"], nudged_steps=cfg["nudged"]
     )

@@ -209,7 +209,7 @@ def jaxopt_solve(tol: float, max_steps: int) -> Solve:
 
 def describe(adjoint) -> str:
     """The adjoint's effective settings (those a user gets by default)."""
-    fields = ("method", "tol", "on_failure", "batch_buckets")
+    fields = ("linear_solver", "tol", "on_failure")
     kw = ", ".join(f"{k}={getattr(adjoint, k)!r}" for k in fields if hasattr(adjoint, k))
     return f"{type(adjoint).__name__}({kw})".replace("tol=None", "tol=None (follows the solver)")
 
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ignore = with_deq(net.deq.solver, eqp.Implicit(on_failure="ignore"))
     lockstep = with_deq(
-        eqp.Picard(tol=tol, batch_buckets=1), eqp.Implicit(on_failure="ignore", batch_buckets=1)
+        eqp.Picard(tol=tol, batch_buckets=1), eqp.Implicit(on_failure="ignore")
     )
     sqrt_d = float(np.sqrt(d))
     configs = [

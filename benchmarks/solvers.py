@@ -486,11 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
     lockstep = eqp.Picard(tol=tol, max_steps=max_steps, batch_buckets=1)
     anderson = eqp.Anderson(history=5, tol=tol, max_steps=max_steps)
     implicit = eqp.Implicit(tol=tol, on_failure="ignore")  # BiCGStab, the default
-    gmres = eqp.Implicit(method="gmres", tol=tol, max_steps=100, on_failure="ignore")
+    gmres = eqp.Implicit(eqp.GMRES(max_steps=100), tol=tol, on_failure="ignore")
     ap = eqp.AlmeidaPineda(tol=tol, max_steps=10 * max_steps, on_failure="ignore")
-    ap_lockstep = eqp.AlmeidaPineda(
-        tol=tol, max_steps=10 * max_steps, on_failure="ignore", batch_buckets=1
-    )
 
     configs: list[tuple[str, SolveFn]] = [
         ("eqprop_jax Picard + Implicit(bicgstab) (defaults), vmap", eqprop_vmap(picard, implicit)),
@@ -509,11 +506,11 @@ def main(argv: list[str] | None = None) -> dict:
             ("eqprop_jax Picard + AlmeidaPineda, vmap", eqprop_vmap(picard, ap)),
             (
                 "eqprop_jax Picard + AlmeidaPineda, vmap, lockstep (batch_buckets=1)",
-                eqprop_vmap(lockstep, ap_lockstep),
+                eqprop_vmap(lockstep, ap),  # the adjoint follows the solver
             ),
             (
                 "eqprop_jax Picard + Implicit(bicgstab), vmap, lockstep (batch_buckets=1)",
-                eqprop_vmap(lockstep, eqp.Implicit(tol=tol, on_failure="ignore", batch_buckets=1)),
+                eqprop_vmap(lockstep, implicit),
             ),
             ("eqprop_jax Anderson(5) + Implicit(bicgstab), vmap", eqprop_vmap(anderson, implicit)),
             ("eqprop_jax Anderson(5) + AlmeidaPineda, vmap", eqprop_vmap(anderson, ap)),

@@ -3,7 +3,7 @@
 - `train`: train a preset (default: an EP network on the embedded digits).
 - `align`: every estimator that applies to a preset's model, on one batch, against
   the autodiff reference; prints the gradient-alignment table, writes PNG plots.
-- `bench`: runs the benchmark scripts of the source tree and prints their tables.
+- `bench`: runs the benchmarks of the source tree (their `main`) and prints their tables.
 - `presets`: lists the presets and their settings.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -19,7 +18,9 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS = ("solvers", "ep_step", "dchn", "resistive", "dtp", "deq_train")
 
@@ -131,9 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps-per-epoch", type=positive, default=None, help=argparse.SUPPRESS)
     t.add_argument("--eval-limit", type=positive, default=None, help=argparse.SUPPRESS)
     t.add_argument("--x64", action="store_true", help=argparse.SUPPRESS)
-    d = t.add_argument_group(
-        "several processes (jax.distributed; start one command per process)"
-    )
+    d = t.add_argument_group("several processes (jax.distributed; start one command per process)")
     d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     d.add_argument("--num-processes", type=positive, default=None)
     d.add_argument("--process-id", type=_int_at_least(0), default=None)
@@ -319,18 +318,16 @@ def _align(args) -> int:
 
     if not args.float32:
         jax.config.update("jax_enable_x64", True)
-    import equinox as eqx
     import jax.numpy as jnp
     import numpy as np
 
     from .data import batch_indices, epoch_order
-    from .diagnostics import gradient_alignment
+    from .diagnostics import compare_estimators
     from .presets import PresetError, cast_floats, get_preset
-    from .train import TrainingError, check_output_folder
+    from .train import check_output_folder
 
     preset = get_preset(args.preset)
-    ref_name = "backprop" if preset.family == "layered" else "rbp-implicit"
-    names = [n for n in preset.estimators() if n != ref_name]
+    names = [n for n in preset.estimators if n != preset.reference]
     if args.estimators:
         unknown = [n for n in args.estimators if n not in names]
         if unknown:
@@ -354,70 +351,45 @@ def _align(args) -> int:
     x = jnp.asarray(data.x_train[idx], dtype)
     y = jnp.asarray(data.y_train[idx])
 
-    @eqx.filter_jit
-    def run(est, m, x, y, k):
-        m = est.pre_step(m, x, y, key=k)
-        loss, grads, _ = est(m, x, y, key=k)
-        return loss, grads
-
     def make(name, beta=None):
         # β as an array is traced, so the β sweep reuses one compilation per variant.
-        if preset.family == "energy" and name.startswith("ep-"):
-            beta = preset.ep.beta if beta is None else beta
+        if name in preset.beta_sweep:
+            beta = preset.make_estimator(name).beta if beta is None else beta
             return preset.make_estimator(name, beta=jnp.asarray(beta, dtype))
         return preset.make_estimator(name)
 
     t0 = time.perf_counter()
-    ref_loss, ref = run(preset.make_estimator(ref_name), model, x, y, key)
-    if not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(ref)):
-        raise TrainingError(
-            f"the reference gradient ({ref_name}) has NaN/inf entries: its solve failed; "
-            "see the warnings above."
-        )
+    ref = compare_estimators(
+        model, {}, x, y, reference=preset.make_estimator(preset.reference), key=key
+    )
     print(
         f"preset {preset.name}: {type(model).__name__}, batch {len(x)} of {data.name}, "
-        f"{jnp.dtype(dtype).name}; reference {ref_name} (loss {float(ref_loss):.6f}, "
-        f"{time.perf_counter() - t0:.1f} s)"
+        f"{jnp.dtype(dtype).name}; reference {preset.reference} (loss "
+        f"{ref.reference_loss:.6f}, {time.perf_counter() - t0:.1f} s)"
     )
-    results, reports = {}, {}
-    for name in names:
-        t0 = time.perf_counter()
-        _, g = run(make(name), model, x, y, key)
-        reports[name] = gradient_alignment(g, ref)
-        results[name] = {
-            "time_s": time.perf_counter() - t0,
-            "overall": _row(reports[name].overall),
-            "per_leaf": {k: _row(v) for k, v in reports[name].per_leaf.items()},
-        }
-    beta_note = f" (β = {preset.ep.beta})" if preset.ep is not None else ""
-    print(f"\nalignment with {ref_name}{beta_note}:")
-    head = (
-        f"{'estimator':<16} {'angle°':>8} {'cosine':>9} {'rel.err':>10} {'‖ĝ‖/‖g‖':>8} {'sign':>6}"
+    found = compare_estimators(
+        model, {n: make(n) for n in names}, x, y, reference=ref.reference_grads, key=key
     )
-    print(head + "\n" + "-" * len(head))
-    for name, rep in reports.items():
-        a = rep.overall
-        print(
-            f"{name:<16} {a.angle:>8.3f} {a.cosine:>9.5f} {a.rel_error:>10.3e} "
-            f"{a.norm_ratio:>8.4f} {a.sign_agreement:>6.3f}"
-        )
-    for name, rep in reports.items():
+    print(f"\nalignment with {preset.reference}:\n{found.table()}")
+    for name, rep in found.reports.items():
         print(f"\n{name}, per layer:\n{rep}")
 
     sweep = {}
-    if preset.family == "energy":
-        for name in (n for n in names if n.startswith("ep-")):
-            sweep[name] = []
-            for beta in args.betas:
-                _, g = run(make(name, beta), model, x, y, key)
-                rep = gradient_alignment(g, ref)
-                sweep[name].append(
-                    {
-                        "beta": beta,
-                        "overall": rep.overall.angle,
-                        "per_leaf": {k: v.angle for k, v in rep.per_leaf.items()},
-                    }
-                )
+    swept = [n for n in names if n in preset.beta_sweep]
+    for name in swept:
+        sweep[name] = []
+        for beta in args.betas:
+            rep = compare_estimators(
+                model, {name: make(name, beta)}, x, y, reference=ref.reference_grads, key=key
+            ).reports[name]
+            sweep[name].append(
+                {
+                    "beta": beta,
+                    "overall": rep.overall.angle,
+                    "per_leaf": {k: v.angle for k, v in rep.per_leaf.items()},
+                }
+            )
+    if swept:
         print("\nangle° against β (overall):")
         print(f"{'estimator':<16}" + "".join(f"{b:>10.3g}" for b in args.betas))
         for name, rows in sweep.items():
@@ -428,8 +400,8 @@ def _align(args) -> int:
         json.dumps(
             {
                 "preset": preset.name,
-                "reference": ref_name,
-                "estimators": results,
+                "reference": preset.reference,
+                "estimators": found.as_dict(),
                 "beta_sweep": sweep,
             },
             indent=2,
@@ -439,19 +411,9 @@ def _align(args) -> int:
     )
     written = [out / "alignment.json"]
     if not args.no_plot:
-        written += _plots(out, reports, sweep, np)
+        written += _plots(out, found.reports, sweep, np)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _row(a) -> dict:
-    return {
-        "angle": a.angle,
-        "cosine": a.cosine,
-        "rel_error": a.rel_error,
-        "norm_ratio": a.norm_ratio,
-        "sign_agreement": a.sign_agreement,
-    }
 
 
 def _plots(out: Path, reports, sweep, np) -> list[Path]:
@@ -508,6 +470,29 @@ def _plots(out: Path, reports, sweep, np) -> list[Path]:
 # -- bench -----------------------------------------------------------------------
 
 
+def _benchmark_main(name: str) -> Callable[[list[str]], Any]:
+    """The `main(argv)` of benchmarks/<name>.py, imported as a module of the source
+    tree (benchmarks/ sits beside the package in a checkout; a wheel has none)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if name == "solvers":
+        from benchmarks.solvers import main
+    elif name == "ep_step":
+        from benchmarks.ep_step import main
+    elif name == "dchn":
+        from benchmarks.dchn import main
+    elif name == "resistive":
+        from benchmarks.resistive import main
+    elif name == "dtp":
+        from benchmarks.dtp import main
+    elif name == "deq_train":
+        from benchmarks.deq_train import main
+    else:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}.")
+    return main
+
+
 def _bench(args) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
@@ -520,33 +505,26 @@ def _bench(args) -> int:
         return 1
     status = 0
     for name in names:
-        path = root / f"{name}.py"
         print(f"\n== benchmarks/{name}.py {'--quick' if args.quick else ''}".rstrip())
-        if not path.exists():
+        if not (root / f"{name}.py").exists():
             print("   (not available in this checkout)")
             continue
-        sys.path.insert(0, str(root))
         try:
-            spec = importlib.util.spec_from_file_location(f"_eqprop_bench_{name}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
+            main = _benchmark_main(name)
             try:
-                module.main(["--quick"] if args.quick else [])
+                main(["--quick"] if args.quick else [])
             except SystemExit as e:
                 if not (args.quick and e.code == 2):
                     raise
                 # argparse refused --quick: this script has no quick mode.
                 print(f"   benchmarks/{name}.py has no --quick option; running its defaults")
-                module.main([])
+                main([])
         except SystemExit as e:
             if e.code not in (0, None):
                 status = 1
         except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the rest
             print(f"   failed: {type(e).__name__}: {e}")
             status = 1
-        finally:
-            sys.path.remove(str(root))
     return status
 
 

@@ -1,40 +1,47 @@
 """Named training set-ups: the papers' settings and the embedded default.
 
-Each preset names a dataset, builds a model and the estimators that apply to it,
-and carries the training settings. Models and estimators are imported when a
-preset is used, so a preset whose pieces are missing fails with a message
-instead of breaking the command line.
+A preset is a plain value: a dataset name, a model factory, one table from the
+command line's estimator names to estimator constructors, and the training
+settings. Nothing is looked up by string: adding a preset is building one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import PRNGKeyArray, PyTree
 
-from .estimators._batch import check_labels
+from .equilibrium.adjoints import AlmeidaPineda, Implicit
+from .equilibrium.linear_solvers import BiCGStab
+from .equilibrium.solvers.base import AbstractSolver
+from .equilibrium.solvers.picard import Picard
+from .estimators.backprop import Backprop
 from .estimators.base import Estimator
+from .estimators.bptt import BPTT
+from .estimators.dtp import DRL, DTP, LDRL, Lee, feedback_mask
+from .estimators.ep import EquilibriumProp
+from .estimators.rbp import RecurrentBackprop
+from .estimators.resistive_ep import ResistiveEP
+from .models.conv_hopfield import ConvHopfield
+from .models.hopfield import HopfieldMLP
+from .models.layered import LayeredNet
+from .models.resistive import ResistiveNetwork
 from .train.loop import TrainConfig
+
+# `Backprop` lived here before `estimators/backprop.py`.
+__all__ = ["PRESETS", "Backprop", "EPSettings", "Preset", "PresetError", "get_preset"]
+
+ModelFactory = Callable[[PRNGKeyArray, tuple[int, ...], int], Any]
 
 
 class PresetError(ValueError):
-    """An unknown preset or estimator, or a preset whose model is not available."""
-
-
-def _load(module: str, name: str):
-    try:
-        return getattr(importlib.import_module(f"eqprop_jax.{module}"), name)
-    except (ImportError, AttributeError) as e:
-        raise PresetError(
-            f"eqprop_jax.{module}.{name} is not available in this installation ({e})."
-        ) from e
+    """An unknown preset or an estimator that does not apply to a preset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,103 +65,126 @@ class EPSettings:
 class Preset:
     """A named set-up.
 
-    `family` is "energy" (models trained by EP, BPTT or recurrent backprop) or
-    "layered" (feedforward nets with feedback layers, trained by DTP or backprop).
-    `layout` is the input layout the model wants: "flat" vectors, or "nchw" images.
-    `resistive`: the model is a `ResistiveNetwork`, whose EP estimators are
-    `ResistiveEP` (the factored local rule, exact in float32, where the generic
-    autodiff estimate subtracts ½ΔV² of hundreds of volts and loses 0.3–0.8%).
+    - `build_model(key, input_shape, num_classes)`: the model, for inputs of
+      `input_shape` in the preset's `layout` ("flat" vectors or "nchw" images).
+    - `estimators`: the one table from command-line names to constructors of the
+      estimators that apply to the model; `estimator` names the default and
+      `reference` the autodiff gradient `align` compares the others with.
+    - `beta_sweep`: the names whose constructors take `beta=` (EP-type estimators),
+      which `align` sweeps over β.
+    - `solver`: the relaxation used at evaluation (None: the model's own).
     """
 
     name: str
     summary: str
     dataset: str
-    family: str
-    build_model: Callable[[PRNGKeyArray, tuple[int, ...], int], Any]
+    build_model: ModelFactory
+    estimators: Mapping[str, Callable[..., Estimator]]
     estimator: str
+    reference: str
     train: TrainConfig
     layout: str = "flat"
     standardize: bool = False
-    ep: EPSettings | None = None
-    dtp: dict | None = None
-    holomorphic: bool = False
-    resistive: bool = False
+    beta_sweep: tuple[str, ...] = ()
+    solver: AbstractSolver | None = None
+
+    def __post_init__(self):
+        for name in (self.estimator, self.reference, *self.beta_sweep):
+            if name not in self.estimators:
+                raise PresetError(f"preset {self.name!r}: {name!r} is not in its estimators.")
 
     def model(self, key: PRNGKeyArray, input_shape: tuple[int, ...], num_classes: int = 10):
         """The preset's model for inputs of `input_shape` (in the preset's layout)."""
         return self.build_model(key, tuple(input_shape), num_classes)
 
-    def estimators(self) -> tuple[str, ...]:
-        """Names of the estimators that apply to this preset's model."""
-        if self.family == "layered":
-            return ("dtp-ldrl", "dtp-drl", "dtp-lee", "backprop")
-        names = ["ep-centered", "ep-positive", "ep-negative"]
-        if self.holomorphic and not self.resistive:
-            names.append("ep-holomorphic")
-        return (*names, "bptt", "rbp", "rbp-implicit")
-
-    def make_estimator(self, name: str | None = None, *, beta: float | None = None) -> Estimator:
+    def make_estimator(self, name: str | None = None, *, beta: Any = None) -> Estimator:
+        """The estimator `name` (default: the preset's); `beta` overrides β of an
+        EP-type one (a traced array reuses one compilation over a β sweep)."""
         name = name or self.estimator
-        if name not in self.estimators():
+        if name not in self.estimators:
             raise PresetError(
                 f"estimator {name!r} does not apply to preset {self.name!r}; choose one of: "
-                f"{', '.join(self.estimators())}."
+                f"{', '.join(self.estimators)}."
             )
-        if self.family == "layered":
-            if name == "backprop":
-                return Backprop()
-            dtp = _load("estimators.dtp", "DTP")
-            return dtp(variant=name.split("-", 1)[1], **(self.dtp or {}))
-        ep = self.ep
-        if name.startswith("ep-") and self.resistive:
-            return _load("estimators.resistive_ep", "ResistiveEP")(
-                beta=ep.beta if beta is None else beta,
-                variant=name[3:],
+        if beta is None:
+            return self.estimators[name]()
+        if name not in self.beta_sweep:
+            raise PresetError(f"estimator {name!r} of preset {self.name!r} takes no β.")
+        return self.estimators[name](beta=beta)
+
+    def eval_solver(self) -> AbstractSolver | None:
+        return self.solver
+
+
+def _energy_estimators(
+    ep: EPSettings, *, holomorphic: bool = False, resistive: bool = False
+) -> tuple[dict[str, Callable[..., Estimator]], tuple[str, ...]]:
+    """EP (three variants, holomorphic where the dynamics allow), BPTT, RBP with the
+    preset's step counts, and the autodiff reference `rbp-implicit`: tight forward
+    solve, exact implicit (Krylov) adjoint. A `ResistiveNetwork`'s EP is
+    `ResistiveEP` (the factored local rule, exact in float32, where the generic
+    autodiff estimate subtracts ½ΔV² of hundreds of volts and loses 0.3–0.8%).
+    Returns the table and the names that take β."""
+    table: dict[str, Callable[..., Estimator]] = {}
+    variants = ["centered", "positive", "negative"]
+    if holomorphic and not resistive:
+        variants.append("holomorphic")
+    for v in variants:
+        if resistive:
+            table[f"ep-{v}"] = functools.partial(
+                ResistiveEP,
+                beta=ep.beta,
+                variant=v,
                 free_steps=ep.free_steps,
                 nudged_steps=ep.nudged_steps,
             )
-        if name.startswith("ep-"):
-            cls = _load("estimators.ep", "EquilibriumProp")
-            variant = name[3:]
-            return cls(
-                beta=ep.beta if beta is None else beta,
-                variant=variant,
+        else:
+            table[f"ep-{v}"] = functools.partial(
+                EquilibriumProp,
+                beta=ep.beta,
+                variant=v,
                 free_steps=ep.free_steps,
                 nudged_steps=ep.nudged_steps,
-                random_sign=ep.random_sign and variant == ep.variant,
+                random_sign=ep.random_sign and v == ep.variant,
                 n_points=ep.n_points,
             )
-        picard = _load("solvers.picard", "Picard")
-        if name == "bptt":
-            return _load("estimators.bptt", "BPTT")(steps=ep.free_steps, truncate=ep.bptt_steps)
-        rbp = _load("estimators.rbp", "RecurrentBackprop")
-        if name == "rbp":
-            adjoint = _load("adjoints", "AlmeidaPineda")(tol=0.0, max_steps=ep.free_steps)
-            return rbp(adjoint=adjoint, solver=picard(tol=0.0, max_steps=ep.free_steps))
-        # The autodiff reference: tight forward solve, exact implicit (Krylov) adjoint.
-        implicit = _load("adjoints", "Implicit")
-        return rbp(
-            adjoint=implicit(tol=1e-8, max_steps=200), solver=picard(tol=1e-10, max_steps=5000)
-        )
-
-    def eval_solver(self):
-        if self.family == "energy" and self.ep is not None:
-            return _load("solvers.picard", "Picard")(tol=0.0, max_steps=self.ep.free_steps)
-        return None
+    swept = tuple(table)
+    table["bptt"] = functools.partial(BPTT, steps=ep.free_steps, truncate=ep.bptt_steps)
+    table["rbp"] = functools.partial(
+        RecurrentBackprop,
+        adjoint=AlmeidaPineda(tol=0.0, max_steps=ep.free_steps),
+        solver=Picard(tol=0.0, max_steps=ep.free_steps),
+    )
+    table["rbp-implicit"] = functools.partial(
+        RecurrentBackprop,
+        adjoint=Implicit(BiCGStab(200), tol=1e-8),
+        solver=Picard(tol=1e-10, max_steps=5000),
+    )
+    return table, swept
 
 
-class Backprop(Estimator):
-    """Plain autodiff of the batch-mean cross-entropy of a feedforward `model(x)`."""
+def _energy_preset(
+    *, ep: EPSettings, holomorphic: bool = False, resistive: bool = False, **kw
+) -> Preset:
+    table, swept = _energy_estimators(ep, holomorphic=holomorphic, resistive=resistive)
+    return Preset(
+        estimators=table,
+        estimator=f"ep-{ep.variant}",
+        reference="rbp-implicit",
+        beta_sweep=swept,
+        solver=Picard(tol=0.0, max_steps=ep.free_steps),
+        **kw,
+    )
 
-    def __call__(self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None):
-        def loss_fn(m):
-            logits = jax.vmap(m)(x)
-            labels = check_labels("Backprop", y, logits.shape[-1])
-            logp = jax.nn.log_softmax(logits)
-            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), logits
 
-        (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
-        return loss, grads, {"predictions": logits}
+def _dtp_estimators(**settings) -> dict[str, Callable[..., Estimator]]:
+    """DTP with each feedback loss (L-DRL, DRL, Lee) and the backprop reference."""
+    return {
+        "dtp-ldrl": functools.partial(DTP, variant=LDRL(), **settings),
+        "dtp-drl": functools.partial(DTP, variant=DRL(), **settings),
+        "dtp-lee": functools.partial(DTP, variant=Lee(), **settings),
+        "backprop": Backprop,
+    }
 
 
 # -- model builders (imports happen when a preset is used) --------------------------
@@ -166,9 +196,10 @@ def _hopfield(sizes, init: str = "glorot", **kw):
     biases and Glorot weights otherwise, the constructor's own initialisation)."""
 
     def build(key, input_shape, num_classes):
-        cls = _load("models.hopfield", "HopfieldMLP")
         k_model, k_init = jax.random.split(key)
-        model = cls((int(np.prod(input_shape)), *sizes[1:-1], num_classes), key=k_model, **kw)
+        model = HopfieldMLP(
+            (int(np.prod(input_shape)), *sizes[1:-1], num_classes), key=k_model, **kw
+        )
         if init == "torch":
             model = _torch_linear_init(model, k_init)
         return model
@@ -188,23 +219,22 @@ def _torch_linear_init(model, key):
 
 def _conv_hopfield(channels, kernel, **kw):
     def build(key, input_shape, num_classes):
-        cls = _load("models.conv_hopfield", "ConvHopfield")
-        return cls(input_shape, channels, kernel, num_classes, key=key, **kw)
+        return ConvHopfield(input_shape, channels, kernel, num_classes, key=key, **kw)
 
     return build
 
 
 def _resistive(sizes, **kw):
     def build(key, input_shape, num_classes):
-        cls = _load("models.resistive", "ResistiveNetwork")
-        return cls((int(np.prod(input_shape)), *sizes[1:-1], num_classes), key=key, **kw)
+        return ResistiveNetwork(
+            (int(np.prod(input_shape)), *sizes[1:-1], num_classes), key=key, **kw
+        )
 
     return build
 
 
 def _simple_vgg(key, input_shape, num_classes):
-    cls = _load("models.layered", "LayeredNet")
-    return cls.simple_vgg(key=key, input_shape=input_shape, num_classes=num_classes)
+    return LayeredNet.simple_vgg(key=key, input_shape=input_shape, num_classes=num_classes)
 
 
 PRESETS: dict[str, Preset] = {}
@@ -215,7 +245,7 @@ def _register(p: Preset) -> None:
 
 
 _register(
-    Preset(
+    _energy_preset(
         name="default",
         summary=(
             "HopfieldMLP 64-128-10 (prototypical, sigmoid4, MSE, async updates, Glorot x0.5) on "
@@ -223,11 +253,9 @@ _register(
             "batch 16, 30 epochs; a CPU-minute demonstration."
         ),
         dataset="digits",
-        family="energy",
         build_model=_hopfield(
             (64, 128, 10), dynamics="prototypical", update="async", weight_scale=0.5
         ),
-        estimator="ep-centered",
         ep=EPSettings(beta=0.1, variant="centered", free_steps=15, nudged_steps=6),
         train=TrainConfig(epochs=30, batch_size=16, lr=0.5, schedule="cosine"),
         standardize=True,
@@ -236,7 +264,7 @@ _register(
 )
 
 _register(
-    Preset(
+    _energy_preset(
         name="scellier2017-1h",
         summary=(
             "Scellier & Bengio 2017, MNIST 784-500-10: Hopfield energy, hard sigmoid, "
@@ -245,7 +273,6 @@ _register(
             "β 1.0 and lrs 0.2/0.1 for our C = ½‖s−y‖² (paper: ~2-3% test error)."
         ),
         dataset="mnist",
-        family="energy",
         # Authors' code (bscellier/Towards-a-Biologically-Plausible-Backprop, train_model.py
         # net1; model.py): C = ‖s_L − y‖² without ½, so their nudge force is 2β(y − s)
         # and their update (E^β − E^0)/β is twice ours for the same states: β 1 and
@@ -254,7 +281,6 @@ _register(
         # starts from each example's state at the previous epoch (persistent particles);
         # ours starts from zero.
         build_model=_hopfield((784, 500, 10), dynamics="gradient", activation="hard_sigmoid"),
-        estimator="ep-positive",
         ep=EPSettings(
             beta=1.0, variant="positive", free_steps=20, nudged_steps=4, random_sign=True
         ),
@@ -263,7 +289,7 @@ _register(
 )
 
 _register(
-    Preset(
+    _energy_preset(
         name="ernoult2019-p1h",
         summary=(
             "Ernoult et al. 2019 P-1h, MNIST 784-512-10: prototypical dynamics, "
@@ -274,7 +300,6 @@ _register(
             "error)."
         ),
         dataset="mnist",
-        family="energy",
         # Sources: the authors' README command for Table 1 P-1h (github ernoult/
         # updatesEPgradientsBPTT: --discrete --size_tab 10 512 784 --lr_tab 0.04 0.08
         # --T 40 --Kmax 15 --beta 0.1, batch 20, 30 epochs); lr_tab runs from the output
@@ -294,7 +319,6 @@ _register(
             activation="sigmoid4",
             update="async",
         ),
-        estimator="ep-positive",
         ep=EPSettings(beta=0.1, variant="positive", free_steps=40, nudged_steps=15, bptt_steps=16),
         train=TrainConfig(epochs=30, batch_size=20, lr=(0.08, 0.04)),
         holomorphic=True,
@@ -302,7 +326,7 @@ _register(
 )
 
 _register(
-    Preset(
+    _energy_preset(
         name="ernoult2019-pconv",
         summary=(
             "Ernoult et al. 2019 P-conv, MNIST: 5x5 convs 1->32->64 with 2x2 max-pool, fc 10, "
@@ -311,10 +335,8 @@ _register(
             "differentiates the last K = 10 steps, as the authors' code."
         ),
         dataset="mnist",
-        family="energy",
         layout="nchw",
         build_model=_conv_hopfield((32, 64), 5, activation="hard_sigmoid"),
-        estimator="ep-positive",
         # The authors' `--lr_tab 0.015 0.035 0.15` runs from the classifier down
         # (netFunctions.train: fc[0] gets lr_tab[0], conv[i] lr_tab[i + 1], conv[0] being
         # the top convolution 32→64), so the input convolution's rate is 0.15.
@@ -324,7 +346,7 @@ _register(
 )
 
 _register(
-    Preset(
+    _energy_preset(
         name="laborieux2021-cifar10",
         summary=(
             "Laborieux et al. 2021, CIFAR-10: convs 128-256-512-512 3x3 with max-pool, "
@@ -333,13 +355,11 @@ _register(
             "crop+flip (paper: 88.3% test). 120 epochs is our choice."
         ),
         dataset="cifar10",
-        family="energy",
         layout="nchw",
         standardize=True,
         build_model=_conv_hopfield(
             (128, 256, 512, 512), 3, paddings=1, activation="clip_half", cost="ce"
         ),
-        estimator="ep-centered",
         ep=EPSettings(beta=1.0, variant="centered", free_steps=250, nudged_steps=30),
         train=TrainConfig(
             epochs=120,
@@ -354,7 +374,7 @@ _register(
 )
 
 _register(
-    Preset(
+    _energy_preset(
         name="scellier2024-drn-xs",
         summary=(
             "Scellier 2024 DRN-XS (Kendall size), MNIST 784x2-100-10x2 deep resistive network, "
@@ -363,12 +383,10 @@ _register(
             "3.46% test error). The authors decay the rate ×0.99 per epoch; ours is constant."
         ),
         dataset="mnist",
-        family="energy",
         # The input gain scales the input voltage sources: at 1 (the constructor's
         # default) the hidden layer sees at most ±1 V against ±0.5 V targets, far from
         # the authors' circuit (papers/fast-drn/drn.py: input_gain 100 for drn-xs).
         build_model=_resistive((784, 100, 10), input_gain=100.0),
-        estimator="ep-centered",
         ep=EPSettings(beta=1.0, variant="centered", free_steps=4, nudged_steps=4),
         train=TrainConfig(epochs=10, batch_size=4, lr=0.006),
         resistive=True,
@@ -386,17 +404,17 @@ _register(
             "(paper: ~89% test)."
         ),
         dataset="cifar10",
-        family="layered",
         layout="nchw",
         standardize=True,
         build_model=_simple_vgg,
-        estimator="dtp-ldrl",
-        dtp=dict(
+        estimators=_dtp_estimators(
             beta=0.7,
             feedback_lr=(1e-4, 3.5e-4, 8e-3, 8e-3, 0.18),
             noise=(0.4, 0.4, 0.2, 0.2, 0.08),
             feedback_steps=(20, 30, 35, 55, 20),
         ),
+        estimator="dtp-ldrl",
+        reference="backprop",
         train=TrainConfig(
             epochs=90,
             batch_size=128,
@@ -405,7 +423,8 @@ _register(
             weight_decay=1e-4,
             schedule="cosine",
             augment=True,
-            frozen=r"\.feedback",
+            # DTP trains the feedback weights itself (`DTP.pre_step`).
+            frozen=feedback_mask,
         ),
     )
 )

@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from . import _checks
-from .equilibrium._ragged import ragged_while_loop
+from .equilibrium import ragged_while_loop
 
 
 def _flat_map(f, z, args, who):

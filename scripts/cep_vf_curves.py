@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from _common import angle_deg, fit_by_epoch, load_images
 
-from eqprop_jax.equilibrium.adjoints import Implicit
+from eqprop_jax.equilibrium import BiCGStab, Implicit
 from eqprop_jax.equilibrium.solvers.picard import Picard
 from eqprop_jax.estimators.continual_ep import ContinualEP
 from eqprop_jax.estimators.ep import EquilibriumProp
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_images(args.dataset, args.data_dir).flat()
     model, est, lr = build(args, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7))
     reference = RecurrentBackprop(
-        adjoint=Implicit(tol=1e-8, max_steps=200), solver=Picard(tol=1e-10, max_steps=5000)
+        adjoint=Implicit(BiCGStab(200), tol=1e-8), solver=Picard(tol=1e-10, max_steps=5000)
     )
     rng = np.random.default_rng(1000 + args.seed)
     picks = rng.permutation(len(data.x_train))[: args.angle_batches * args.batch_size]

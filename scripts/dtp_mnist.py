@@ -29,13 +29,10 @@ from _common import channels_first, fit_by_epoch, load_images, machine, random_i
 
 import eqprop_jax as eqp
 from eqprop_jax.diagnostics.dtp import dtp_alignment
+from eqprop_jax.estimators import Backprop
+from eqprop_jax.estimators.dtp import feedback_mask
 from eqprop_jax.models.layered import LayeredNet
 from eqprop_jax.train import TrainConfig
-
-try:  # issue 12 moves Backprop from the presets into the estimators
-    from eqprop_jax.estimators import Backprop
-except ImportError:  # pragma: no cover
-    from eqprop_jax.presets import Backprop
 
 WARMUP_BATCHES = 20
 
@@ -89,7 +86,7 @@ def run(
         for n in range(2, model.num_layers + 1)
     )
     est = (
-        eqp.DTP(variant="ldrl", beta=0.7, feedback_steps=fb_steps, noise=0.1, feedback_lr=lrs)
+        eqp.DTP(variant=eqp.LDRL(), beta=0.7, feedback_steps=fb_steps, noise=0.1, feedback_lr=lrs)
         if method == "ldrl"
         else Backprop()
     )
@@ -103,7 +100,7 @@ def run(
         momentum=0.9,
         weight_decay=1e-4,
         schedule="cosine",
-        frozen=r"\.feedback",
+        frozen=feedback_mask,  # trained by DTP.pre_step, not by this optimiser
         eval_batch_size=min(1000, len(data.x_test)),
         progress=False,
     )

@@ -45,7 +45,8 @@ def main(argv=None):
     )
     kx, ky = jax.random.split(jax.random.PRNGKey(1))
     x, y = jax.random.uniform(kx, (3, 6)), jax.random.randint(ky, (3,), 0, 3)
-    ref = _run(eqp.RecurrentBackprop(eqp.Implicit(tol=1e-13, max_steps=200), TIGHT), model, x, y)
+    exact = eqp.Implicit(eqp.BiCGStab(200), tol=1e-13)
+    ref = _run(eqp.RecurrentBackprop(exact, TIGHT), model, x, y)
 
     def err(beta, variant, n=4):
         est = eqp.EquilibriumProp(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             activation="sigmoid4",
             update=args.update,
         ),
-        ep=dataclasses.replace(base.ep, bptt_steps=args.bptt_steps),
+        # The preset's BPTT with another truncation (its steps stay the preset's T).
+        estimators={
+            **base.estimators,
+            "bptt": functools.partial(base.estimators["bptt"], truncate=args.bptt_steps),
+        },
     )
     data = load_images(args.dataset, args.data_dir).flat()
     cfg = dataclasses.replace(

@@ -27,7 +27,7 @@ def test_every_paper_preset_is_registered():
         "ernoult2022-ldrl-cifar10",
     ):
         assert get_preset(name).name == name
-    assert set(get_preset("default").estimators()) >= {"ep-centered", "bptt", "rbp-implicit"}
+    assert set(get_preset("default").estimators) >= {"ep-centered", "bptt", "rbp-implicit"}
 
 
 def test_unknown_preset_dataset_and_estimator(capsys, tmp_path):
@@ -141,18 +141,29 @@ def test_bench_unknown_name(capsys):
     assert rc == 1 and "unknown benchmark" in err
 
 
+def test_bench_imports_each_benchmark_main():
+    from eqprop_jax.cli import BENCHMARKS, _benchmark_main
+
+    for name in BENCHMARKS:
+        main = _benchmark_main(name)
+        assert callable(main) and main.__module__ == f"benchmarks.{name}"
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_estimators_build(name):
-    # Every estimator a preset lists can be constructed (model modules may be missing,
-    # in which case a clear PresetError is the expected outcome).
+    # Every estimator in a preset's table can be constructed; those `align` sweeps take β.
+    from eqprop_jax.estimators import Estimator
     from eqprop_jax.presets import PresetError
 
     p = get_preset(name)
-    for est in p.estimators():
-        try:
-            p.make_estimator(est)
-        except PresetError as e:
-            assert "not available" in str(e)
+    assert p.estimator in p.estimators and p.reference in p.estimators
+    for est in p.estimators:
+        assert isinstance(p.make_estimator(est), Estimator)
+    for est in p.beta_sweep:
+        assert p.make_estimator(est, beta=0.25).beta == 0.25
+    others = [n for n in p.estimators if n not in p.beta_sweep]
+    with pytest.raises(PresetError, match="takes no β"):
+        p.make_estimator(others[0], beta=0.25)
 
 
 NOMINAL = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}

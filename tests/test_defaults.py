@@ -121,7 +121,7 @@ def test_neumann_reports_a_divergent_series_as_nan():
     assert bool(jnp.all(jnp.isnan(jax.grad(bad)(c, eqp.Neumann(10)))))
     assert bool(jnp.all(jnp.isnan(jax.grad(bad)(c, eqp.AlmeidaPineda()))))
     np.testing.assert_allclose(
-        np.asarray(jax.grad(bad)(c, eqp.Implicit(method="gmres"))), 1 / 6, rtol=1e-9
+        np.asarray(jax.grad(bad)(c, eqp.Implicit(eqp.GMRES()))), 1 / 6, rtol=1e-9
     )
 
 
@@ -154,7 +154,7 @@ def _count_callbacks(fn, *args):
 
 
 @pytest.mark.parametrize(
-    "adjoint", [eqp.Implicit(), eqp.Implicit(method="gmres"), eqp.AlmeidaPineda(), eqp.Neumann(5)]
+    "adjoint", [eqp.Implicit(), eqp.Implicit(eqp.GMRES()), eqp.AlmeidaPineda(), eqp.Neumann(5)]
 )
 def test_no_host_callback_by_default(adjoint):
     w, xs = _deq_problem()
@@ -176,6 +176,60 @@ def test_throw_still_raises():
             lambda z, _: 0.99 * z + 1.0, jnp.zeros(2), None,
             solver=eqp.Picard(max_steps=3), throw=True,
         ).value)
+
+
+def test_throw_raises_the_status_message():
+    with pytest.raises(Exception, match="a NaN or inf appeared in the state"):
+        jax.block_until_ready(eqp.fixed_point(
+            lambda z, _: z * jnp.nan, jnp.ones(2), None, throw=True,
+        ).value)
+
+
+# -- statuses: an enumeration whose items are also integer codes ---------------------
+
+
+def test_result_is_an_enumeration_with_its_messages():
+    R = eqp.Result
+    assert issubclass(R, eqx.Enumeration) and isinstance(R.diverged, R)
+    assert R.names == ("converged", "max_steps", "diverged", "nonfinite") and len(R) == 4
+    assert [int(getattr(R, n)) for n in R.names] == [0, 1, 2, 3]
+    assert R[R.max_steps] == "fixed_point: max_steps reached before convergence"
+    assert R.message(R.diverged) == "fixed_point: the iteration diverged"
+    assert R.message(np.array([3, 0])) == [R[R.nonfinite], R[R.converged]]
+    assert R.name(jnp.array([[1], [3]])) == [["max_steps"], ["nonfinite"]]
+    assert bool(R.converged == R.converged) and bool(R.converged != R.nonfinite)
+
+
+def test_result_items_compare_with_codes():
+    R = eqp.Result
+    codes = jnp.array([0, 1, 2, 3], jnp.int32)
+    # Both orders, ints, numpy and jax arrays, inside and outside jit.
+    assert np.asarray(codes == R.diverged).tolist() == [False, False, True, False]
+    assert np.asarray(R.diverged != codes).tolist() == [True, True, False, True]
+    assert np.asarray(np.asarray(codes) == R.max_steps).tolist() == [False, True, False, False]
+    assert 3 == R.nonfinite and int(codes[0]) == R.converged and np.int32(1) in (R.max_steps,)
+    flip = jax.jit(lambda c: jnp.where(c == R.converged, R.nonfinite, R.converged))(codes)
+    assert flip.dtype == jnp.int32 and flip.tolist() == [3, 0, 0, 0]
+    assert len({R.converged, R.converged, R.max_steps}) == 2
+    sol = eqp.fixed_point(lambda z, _: 0.5 * z, jnp.ones(2), None)
+    assert sol.result.dtype == jnp.int32 and bool(sol.converged)
+    with pytest.raises(ValueError):  # other enumerations stay incomparable
+        class Other(eqx.Enumeration):
+            a = ""
+
+        R.converged == Other.a  # noqa: B015
+
+
+def test_result_item_raises_its_message():
+    R = eqp.Result
+
+    @jax.jit
+    def check(code, x):
+        return R.item(code).error_if(x, code != R.converged)
+
+    np.testing.assert_array_equal(np.asarray(check(jnp.int32(0), jnp.ones(2))), 1.0)
+    with pytest.raises(Exception, match="the iteration diverged"):
+        jax.block_until_ready(check(jnp.int32(2), jnp.ones(2)))
 
 
 # -- backward statistics as arrays -------------------------------------------------
@@ -281,7 +335,7 @@ def test_float64_defaults_are_exact(cell):
         return jax.grad(loss)(w)
 
     ref = _dense_ift_grad(cell, w, xs)
-    for adjoint in [eqp.Implicit(), eqp.AlmeidaPineda(), eqp.Implicit(method="gmres")]:
+    for adjoint in [eqp.Implicit(), eqp.AlmeidaPineda(), eqp.Implicit(eqp.GMRES())]:
         g = grad(w, adjoint)
         assert float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref)) <= 1e-10, adjoint
 
@@ -345,7 +399,15 @@ def test_recurrent_backprop_defaults_are_exact_in_float64():
         (lambda: eqp.Neumann(3, on_failure=None), ValueError),
         (lambda: eqp.Implicit(tol=float("inf")), ValueError),
         (lambda: eqp.Implicit(tol=-1e-6), ValueError),
-        (lambda: eqp.Implicit(method="cg"), ValueError),
+        (lambda: eqp.Implicit("gmres"), TypeError),
+        (lambda: eqp.Implicit(linear_solver=eqp.GMRES), TypeError),
+        (lambda: eqp.GMRES(restart=0), ValueError),
+        (lambda: eqp.BiCGStab(max_steps=0), ValueError),
+        (lambda: eqp.NormalCG(max_steps=1.5), TypeError),
+        (lambda: eqp.Richardson(damping=0.0), ValueError),
+        (lambda: eqp.Richardson(damping=float("nan")), ValueError),
+        (lambda: eqp.Richardson(damping=jnp.array(0.5)), TypeError),
+        (lambda: eqp.Richardson(truncated=1), TypeError),
         (lambda: eqp.Implicit(callback=3), TypeError),
         (lambda: eqp.Picard(tol=float("inf")), ValueError),
         (lambda: eqp.Picard(tol=float("nan")), ValueError),
@@ -380,7 +442,7 @@ def test_normal_cg_uses_the_conjugate_transpose():
 
     t = jnp.ones(D, jnp.complex128) * (1 + 2j)
     dense = jnp.linalg.solve(jnp.eye(D) - a, t)
-    for adjoint in [eqp.Implicit(method="normal_cg"), eqp.Implicit()]:
+    for adjoint in [eqp.Implicit(eqp.NormalCG()), eqp.Implicit()]:
         _, dz = jax.jvp(lambda b, adjoint=adjoint: z_star(b, adjoint), (b,), (t,))
         assert float(jnp.linalg.norm(dz - dense) / jnp.linalg.norm(dense)) <= 1e-9
 

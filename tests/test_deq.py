@@ -85,7 +85,7 @@ def test_every_solver_and_adjoint_is_hashable():
         eqp.Anderson(),
         eqp.Broyden(),
         eqp.Implicit(),
-        eqp.Implicit(method="gmres", callback=print),
+        eqp.Implicit(eqp.GMRES(), callback=print),
         eqp.AlmeidaPineda(),
         eqp.Neumann(),
         eqp.Unrolled(),
@@ -112,13 +112,13 @@ def test_serialised_weights_load_under_other_settings(tmp_path):
     skeleton, _ = make(
         7,
         solver=eqp.Anderson(history=3, tol=1e-10),
-        adjoint=eqp.Implicit(method="gmres", on_failure="ignore"),
+        adjoint=eqp.Implicit(eqp.GMRES(), on_failure="ignore"),
     )
     loaded = eqx.tree_deserialise_leaves(path, skeleton)
     np.testing.assert_array_equal(loaded.deq.cell.w, net.deq.cell.w)
     np.testing.assert_array_equal(loaded.head, net.head)
     assert loaded.deq.solver == eqp.Anderson(history=3, tol=1e-10)
-    assert loaded.deq.adjoint.method == "gmres"
+    assert loaded.deq.adjoint.linear_solver == eqp.GMRES()
     # Same weights, different solver: the same fixed point.
     np.testing.assert_allclose(loaded(xs), net(xs), atol=1e-5)
 

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import eqprop_jax as eqp
@@ -13,7 +14,7 @@ from eqprop_jax.diagnostics.dtp import (
     gauss_newton_targets,
     weight_alignment,
 )
-from eqprop_jax.estimators.dtp import ldrl_loss, lee_loss
+from eqprop_jax.estimators.dtp import feedback_mask, ldrl_loss, lee_loss
 from eqprop_jax.models.layered import (
     ConvFeedback,
     DenseFeedback,
@@ -128,10 +129,10 @@ def trained():
     net = LayeredNet.mlp([10, 16, 16, 16, 5], key=KEY)
     x, y = _data(jax.random.PRNGKey(1), 64, (10,), 5)
     out = {}
-    for variant in ("ldrl", "lee"):
+    for name, variant in (("ldrl", eqp.LDRL()), ("lee", eqp.Lee())):
         est = eqp.DTP(variant=variant, beta=1e-3, feedback_steps=1000, noise=0.1, feedback_lr=0.3)
         new = est.pre_step(net, x, y, key=jax.random.PRNGKey(2))
-        out[variant] = (est, new, dtp_alignment(new, x, y, beta=1e-3))
+        out[name] = (est, new, dtp_alignment(new, x, y, beta=1e-3))
     return net, x, y, out
 
 
@@ -158,11 +159,11 @@ def test_lee_dtp_is_worse_than_ldrl(trained):
     assert np.all(lee["update_angle"][:-1] > ldrl["update_angle"][:-1] + 20)
 
 
-@pytest.mark.parametrize("variant", ["ldrl", "lee", "drl"])
+@pytest.mark.parametrize("variant", [eqp.LDRL(), eqp.Lee(), eqp.DRL(lam=0.1)])
 def test_feedback_training_lowers_its_loss(variant):
     net = LayeredNet.mlp([4, 6, 5, 3], key=KEY)
     x, y = _data(KEY, 32, (4,), 3)
-    est = eqp.DTP(variant=variant, feedback_steps=200, noise=0.1, feedback_lr=0.2, drl_lambda=0.1)
+    est = eqp.DTP(variant=variant, feedback_steps=200, noise=0.1, feedback_lr=0.2)
     k = jax.random.PRNGKey(5)
 
     # Fresh noise per step makes single-draw losses noisy; average over draws.
@@ -172,6 +173,54 @@ def test_feedback_training_lowers_its_loss(variant):
     before = mean_loss(net)
     after = mean_loss(est.pre_step(net, x, y, key=jax.random.PRNGKey(6)))
     assert np.all(after < before)
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(u, v) for u, v in zip(la, lb, strict=True))
+
+
+def test_feedback_optimizer_is_an_optax_transformation():
+    net = LayeredNet.mlp([4, 6, 5, 3], key=KEY)
+    x, y = _data(KEY, 16, (4,), 3)
+    k = jax.random.PRNGKey(7)
+    settings = dict(variant=eqp.DRL(lam=0.1), feedback_steps=(3, 5), noise=(0.1, 0.2))
+    default = eqp.DTP(feedback_lr=(0.2, 0.05), **settings).pre_step(net, x, y, key=k)
+    # Plain SGD passed in is the default, bit for bit (θ + (−η g) = θ − η g exactly).
+    sgd = (optax.sgd(0.2), optax.sgd(0.05))
+    same = eqp.DTP(feedback_optimizer=sgd, **settings).pre_step(net, x, y, key=k)
+    assert _leaves_equal(default, same)
+    # Adam moves the feedback weights elsewhere, and only them.
+    adam = eqp.DTP(feedback_optimizer=optax.adam(1e-2), **settings).pre_step(net, x, y, key=k)
+    assert _leaves_equal(adam.forward, net.forward)
+    for g0, g_sgd, g_adam in zip(net.feedback, default.feedback, adam.feedback, strict=True):
+        assert not np.allclose(g_adam.weight, g0.weight)
+        assert not np.allclose(g_adam.weight, g_sgd.weight)
+    # One Adam step moves every weight by about its rate (|m̂/√v̂| = 1 at the first step).
+    one = eqp.DTP(variant=eqp.LDRL(), feedback_steps=1, feedback_optimizer=optax.adam(1e-3))
+    moved = one.pre_step(net, x, y, key=k)
+    for g0, g1 in zip(net.feedback, moved.feedback, strict=True):
+        step = np.abs(np.asarray(g1.weight - g0.weight))
+        np.testing.assert_allclose(step[step > 0], 1e-3, rtol=1e-3)
+
+
+def test_feedback_mask_keeps_the_main_optimiser_off_the_feedback_weights():
+    from eqprop_jax.train.optim import make_optimizer, trainable
+
+    net = LayeredNet.mlp([4, 6, 5, 3], key=KEY)
+    params = trainable(net)
+    mask = feedback_mask(params)
+    assert all(jax.tree.leaves(mask.feedback)) and not any(jax.tree.leaves(mask.forward))
+    # Weight decay and momentum would move weights whose gradient is zero.
+    tx = make_optimizer(params, lr=0.1, momentum=0.9, weight_decay=0.1, frozen=feedback_mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert all(np.all(u == 0) for u in jax.tree.leaves(updates.feedback))
+    np.testing.assert_allclose(
+        updates.forward[0].weight, -0.1 * 0.1 * params.forward[0].weight, rtol=1e-12
+    )
+    with pytest.raises(TypeError, match="LayeredNet"):
+        feedback_mask({"w": jnp.zeros(3)})
 
 
 def test_ldrl_gradient_linear_analytic():
@@ -297,8 +346,14 @@ def test_bad_input_raises_clear_errors():
         eqp.DTP(beta=0.0)
     with pytest.raises(ValueError, match="beta"):
         eqp.DTP(beta=-0.5)
-    with pytest.raises(ValueError, match="variant"):
-        eqp.DTP(variant="tp")
+    with pytest.raises(TypeError, match="variant must be a FeedbackLoss"):
+        eqp.DTP(variant="ldrl")
+    with pytest.raises(ValueError, match="lam"):
+        eqp.DRL(lam=-1.0)
+    with pytest.raises(ValueError, match="not both"):
+        eqp.DTP(feedback_lr=0.1, feedback_optimizer=optax.sgd(0.1))
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        eqp.DTP(feedback_optimizer="adam")
     x, y = _data(KEY, 4, (4,), 3)
     with pytest.raises(ValueError, match="x must be a batch"):
         eqp.DTP()(net, x[:, :3], y)

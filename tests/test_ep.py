@@ -17,7 +17,7 @@ from eqprop_jax.models.hopfield import HopfieldMLP
 # Tight solves: the residual of a converged state (~1e-13) enters EP's estimate
 # divided by β, so at β >= 1e-3 it stays below 1e-9, well under what we compare.
 TIGHT = eqp.Picard(tol=1e-13, max_steps=5000)
-RBP = eqp.RecurrentBackprop(adjoint=eqp.Implicit(tol=1e-13, max_steps=200), solver=TIGHT)
+RBP = eqp.RecurrentBackprop(adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-13), solver=TIGHT)
 
 
 def _ep(beta, variant, **kw):

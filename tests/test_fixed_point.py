@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import rel_err
 
@@ -53,9 +54,9 @@ def _grad(params, x, adjoint):
 
 
 ADJOINTS = [
-    eqp.Implicit(method="gmres", tol=1e-13, max_steps=200),
-    eqp.Implicit(method="bicgstab", tol=1e-13, max_steps=500),
-    eqp.Implicit(method="normal_cg", tol=1e-13, max_steps=2000),
+    eqp.Implicit(eqp.GMRES(max_steps=200), tol=1e-13),
+    eqp.Implicit(eqp.BiCGStab(max_steps=500), tol=1e-13),
+    eqp.Implicit(eqp.NormalCG(max_steps=2000), tol=1e-13),
     eqp.AlmeidaPineda(tol=1e-13, max_steps=5000),
     eqp.Neumann(k=400),  # ‖J‖ ≤ 0.8: truncation error 0.8^401 ≈ 1e-39
 ]
@@ -63,7 +64,7 @@ ADJOINTS = [
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(
-    "adjoint", ADJOINTS, ids=lambda a: type(a).__name__ + getattr(a, "method", "")
+    "adjoint", ADJOINTS, ids=lambda a: type(a).__name__ + type(a.linear_solver).__name__
 )
 def test_gradients_match_dense_ift(seed, adjoint):
     params, x = make_deq(seed)
@@ -261,3 +262,113 @@ def test_bicgstab_on_a_layered_network_with_loss_on_the_outputs():
     _, vjp = jax.vjp(lambda p: f_flat(flat, p), params)
     ref = vjp(lam)[0]
     assert rel_err(grad, ref) <= 1e-8
+
+
+# -- linear solvers as objects; the adjoint owns differentiation ---------------------
+
+B, DB = 32, 12  # a batch large enough to be compacted (buckets are >= 8 examples)
+
+
+def _batch_problem(seed=5):
+    k = jax.random.split(jax.random.PRNGKey(seed), 3)
+    w = jax.random.normal(k[0], (DB, DB))
+    w = 0.7 * w / jnp.linalg.norm(w, 2)
+    xs = jax.random.normal(k[1], (B, DB))
+    scale = jnp.linspace(0.2, 1.4, B)  # per-example contraction: ragged step counts
+    return w, xs, scale
+
+
+def _batch_grad(w, xs, scale, adjoint):
+    def loss(w, probes):
+        def one(x, s, p):
+            f = lambda z, a: jnp.tanh(a[2] * (a[0] @ z) + a[1])
+            return eqp.fixed_point(f, jnp.zeros(DB), (w, x, s), adjoint=adjoint, probe=p).value
+
+        return jnp.sum(jax.vmap(one)(xs, scale, probes) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(w, jnp.zeros((B, 3)))
+
+
+@pytest.mark.parametrize(
+    "preset, richardson",
+    [
+        (eqp.AlmeidaPineda(), eqp.Implicit(eqp.Richardson())),
+        (eqp.AlmeidaPineda(max_steps=4, on_failure="ignore"),
+         eqp.Implicit(eqp.Richardson(4), on_failure="ignore")),
+        (eqp.Neumann(6), eqp.Implicit(eqp.Richardson(7, truncated=True))),
+        (eqp.PhantomGradient(k=5, damping=0.6),
+         eqp.Implicit(eqp.Richardson(5, damping=0.6, truncated=True))),
+    ],
+    ids=["almeida_pineda", "almeida_pineda_short", "neumann", "phantom"],
+)
+def test_presets_are_richardson(preset, richardson):
+    """A preset computes exactly what Implicit(Richardson(...)) computes: the same
+    gradient and the same per-example statistics, bit for bit."""
+    w, xs, scale = _batch_problem()
+    g_preset, s_preset = _batch_grad(w, xs, scale, preset)
+    g_rich, s_rich = _batch_grad(w, xs, scale, richardson)
+    np.testing.assert_array_equal(np.asarray(g_preset), np.asarray(g_rich))
+    np.testing.assert_array_equal(np.asarray(s_preset), np.asarray(s_rich))
+    assert preset.linear_solver == richardson.linear_solver
+    steps = np.asarray(eqp.AdjointStats.from_probe(s_preset).steps)
+    if richardson.linear_solver.truncated or richardson.linear_solver.max_steps == 4:
+        assert np.all(steps == richardson.linear_solver.max_steps)
+    else:  # each example stops on its own
+        assert len(set(steps.tolist())) > 1
+
+
+def _compacted_loops(adjoint, solver):
+    """How many compacted (bucketed) loops the compiled gradient holds: each bucket
+    switch lowers to one `stablehlo.case`."""
+    w, xs, scale = _batch_problem()
+
+    def loss(w):
+        f = lambda z, a: jnp.tanh(a[2] * (a[0] @ z) + a[1])
+        sol = jax.vmap(lambda x, s: eqp.fixed_point(f, jnp.zeros(DB), (w, x, s), solver=solver,
+                                                    adjoint=adjoint))(xs, scale)
+        return jnp.sum(sol.value**2)
+
+    return jax.jit(jax.grad(loss)).lower(w).as_text().count("stablehlo.case")
+
+
+@pytest.mark.parametrize("adjoint", [eqp.Implicit(), eqp.AlmeidaPineda()],
+                         ids=["bicgstab", "almeida_pineda"])
+def test_backward_solve_follows_the_solvers_batch_buckets(adjoint):
+    # A fixed-step forward solve is never compacted, so what remains is the backward's.
+    fixed = eqp.Picard(tol=0.0, max_steps=40)
+    assert _compacted_loops(adjoint, fixed) == 1
+    assert _compacted_loops(adjoint, eqx.tree_at(lambda s: s.batch_buckets, fixed, 1)) == 0
+    assert _compacted_loops(adjoint, eqp.Picard()) == 2  # forward and backward
+    with eqp.batch_compaction(False):
+        assert _compacted_loops(adjoint, eqp.Picard()) == 0
+
+
+class DenseLU(eqp.AbstractLinearSolver):
+    """A new linear solver is one class: materialise A and solve it densely."""
+
+    def solve(self, op, b, tol, batch_buckets):
+        a = jax.jacfwd(op)(b)
+        return jnp.linalg.solve(a, b), jnp.array(1, jnp.int32)
+
+
+class Detached(eqp.AbstractAdjoint):
+    """A new adjoint is one class: run the solve in a plain loop, no derivative."""
+
+    def apply(self, primal, fn, inputs, solver, *, probe=None, best_so_far=False):
+        def loop(cond, body, init, *, max_steps, buckets):
+            return jax.lax.while_loop(cond, body, init)
+
+        return primal(jax.lax.stop_gradient(inputs), loop, 0)
+
+
+def test_new_linear_solver_and_adjoint_plug_in():
+    params, x = make_deq(6)
+    ref = dense_ift_grad(params, x)
+    grad = jax.grad(lambda p: loss_fn(p, x, adjoint=eqp.Implicit(DenseLU()))[0])(params)
+    assert rel_err(grad, ref) <= 1e-10
+    loss, sol = loss_fn(params, x, adjoint=Detached())
+    np.testing.assert_array_equal(np.asarray(sol.value), np.asarray(loss_fn(params, x)[1].value))
+    grad = jax.grad(lambda p: loss_fn(p, x, adjoint=Detached())[0])(params)
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree_util.tree_leaves(grad))
+    with pytest.raises(TypeError, match="abstract"):
+        type("NoApply", (eqp.AbstractAdjoint,), {})()

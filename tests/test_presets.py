@@ -199,3 +199,22 @@ def test_continual_ep_takes_per_layer_rates():
         np.testing.assert_allclose(tk, t0 - r * gi, rtol=1e-6, atol=1e-9)
     # Layer 1 took larger steps than under one rate, so its state-dependent increments differ.
     assert not np.allclose(g.weights[1], g_scalar.weights[1])
+
+
+def test_dtp_preset_variants_are_objects_and_its_optimiser_leaves_feedback_alone():
+    from eqprop_jax.estimators import DRL, DTP, LDRL, Backprop, Lee
+    from eqprop_jax.models.layered import LayeredNet
+
+    p = get_preset("ernoult2022-ldrl-cifar10")
+    kinds = {n: type(p.make_estimator(n).variant) for n in ("dtp-ldrl", "dtp-drl", "dtp-lee")}
+    assert kinds == {"dtp-ldrl": LDRL, "dtp-drl": DRL, "dtp-lee": Lee}
+    assert isinstance(p.make_estimator(), DTP) and isinstance(
+        p.make_estimator("backprop"), Backprop
+    )
+    net = LayeredNet.mlp([4, 6, 5, 3], key=jax.random.PRNGKey(0))
+    params = trainable(net)
+    tx = p.train.optimizer_settings(10)(params)
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(ones, tx.init(params), params)
+    assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates.feedback))
+    assert all(np.all(u != 0) for u in jax.tree_util.tree_leaves(updates.forward))

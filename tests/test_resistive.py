@@ -25,7 +25,7 @@ def make(diodes=True, sizes=SIZES, seed=0, **kw):
 def example(model, seed=1):
     kx, ky = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.uniform(kx, (model.layer_sizes[0],), jnp.float64)
-    y = jax.nn.one_hot(jax.random.randint(ky, (), 0, model.num_classes), model.num_classes)
+    y = jax.nn.one_hot(jax.random.randint(ky, (), 0, model.n_outputs), model.n_outputs)
     return x, y
 
 
@@ -175,7 +175,7 @@ def implicit_gradient(model, x, y):
     """dL/dθ through the free equilibrium by the implicit function theorem (GMRES)."""
 
     def loss(m):
-        sol = m.relax(x, y, 0.0, solver=SOLVER, adjoint=eqp.Implicit(tol=1e-12, max_steps=200))
+        sol = m.relax(x, y, 0.0, solver=SOLVER, adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-12))
         return m.loss(sol.value, y)
 
     return eqx.filter_grad(loss)(model)
@@ -288,7 +288,7 @@ def test_ep_rbp_and_bptt_agree_on_the_same_circuit():
     ys = jax.nn.one_hot(jnp.array([0, 2, 1]), SIZES[-1])
     estimators = {
         "ep": EquilibriumProp(beta=1e-3, variant="centered", free_steps=300, nudged_steps=300),
-        "rbp": RecurrentBackprop(adjoint=eqp.Implicit(tol=1e-12, max_steps=200), solver=SOLVER),
+        "rbp": RecurrentBackprop(adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-12), solver=SOLVER),
         "bptt": BPTT(steps=300),
     }
     out = {k: eqx.filter_jit(e)(model, xs, ys) for k, e in estimators.items()}
@@ -322,7 +322,7 @@ def small_net(diodes=True):
 
 def batch(model, n=2, seed=1):
     x = jax.random.uniform(jax.random.PRNGKey(seed), (n, model.layer_sizes[0]), jnp.float64)
-    return x, jax.nn.one_hot(jnp.arange(n) % model.num_classes, model.num_classes)
+    return x, jax.nn.one_hot(jnp.arange(n) % model.n_outputs, model.n_outputs)
 
 
 def dense_schur(h, offsets):

@@ -21,6 +21,7 @@ from helpers import subprocess_env as _env
 
 from eqprop_jax.data import epoch_order, load_digits
 from eqprop_jax.estimators import EquilibriumProp, Estimator
+from eqprop_jax.models.base import AbstractModel
 from eqprop_jax.models.hopfield import HopfieldMLP
 from eqprop_jax.train import (
     Checkpointer,
@@ -93,6 +94,34 @@ def test_layer_indices_and_per_layer_rates():
     np.testing.assert_allclose(updates.biases[0], 0.0)
 
 
+def test_readout_layers_are_declared_by_the_model_not_guessed():
+    # HopfieldMLP declares `readout_fields = ("readout",)`; a module that declares
+    # nothing has no readout, whatever its fields are called.
+    assert HopfieldMLP.readout_fields == ("readout",)
+    w = jnp.ones((2, 2))
+
+    class Net(eqx.Module):
+        weights: tuple
+        readout: tuple
+        head: jax.Array
+
+    idx = layer_indices(Net((w, w, w), (w, w), w))
+    assert idx.weights == (0, 1, 2) and idx.readout == (0, 1)
+    assert idx.head == 3  # no index: after the last indexed layer
+
+
+def test_frozen_takes_a_regex_or_a_mask_function():
+    p = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    g = jax.tree_util.tree_map(jnp.ones_like, p)
+    for frozen in (r"\['b'\]", lambda q: {"a": False, "b": True}):
+        tx = make_optimizer(p, lr=0.5, frozen=frozen)
+        u, _ = tx.update(g, tx.init(p), p)
+        np.testing.assert_array_equal(u["a"], -0.5)
+        np.testing.assert_array_equal(u["b"], 0.0)
+    with pytest.raises(ValueError, match="regular expression or a function"):
+        make_optimizer(p, lr=0.5, frozen=3)
+
+
 def test_weight_decay_and_cosine_schedule():
     p = {"w": jnp.array([1.0, -2.0, 3.0])}
     g = {"w": jnp.array([0.5, 0.5, -1.0])}
@@ -110,12 +139,16 @@ def test_weight_decay_and_cosine_schedule():
 # -- loop -------------------------------------------------------------------------------
 
 
-class Clipped(eqx.Module):
+class Clipped(AbstractModel):
     """A linear classifier whose weights must stay >= 0, with non-trainable fields."""
 
     w: jax.Array
     seen: jax.Array  # int counter, updated by the estimator's pre_step
     scale: float = eqx.field(static=True, default=1.0)
+
+    @property
+    def n_outputs(self):
+        return self.w.shape[0]
 
     def __call__(self, x):
         return self.scale * (self.w @ x)
@@ -233,7 +266,8 @@ SHARDED = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, equinox as eqx
     jax.config.update("jax_enable_x64", True)
-    from eqprop_jax.models.hopfield import HopfieldMLP
+    from eqprop_jax.models.base import AbstractModel
+from eqprop_jax.models.hopfield import HopfieldMLP
     from eqprop_jax.estimators import EquilibriumProp
     from eqprop_jax.data import epoch_order, load_digits
     from eqprop_jax.train import TrainConfig, fit, batch_mesh, replicate, shard_batch
@@ -405,10 +439,14 @@ def test_optimizer_settings_are_values():
     assert isinstance(a, OptimizerSettings)
 
 
-class Linear(eqx.Module):
+class Linear(AbstractModel):
     w: jax.Array
     b: jax.Array
     seen: jax.Array
+
+    @property
+    def n_outputs(self):
+        return self.w.shape[0]
 
     def __call__(self, x):
         return self.w @ x + self.b
@@ -581,6 +619,8 @@ def test_bad_settings_and_inputs_are_refused_before_training(digits):
     )
     with pytest.raises(ValueError, match=r"\.weights\[0\] holds NaN"):
         fit(nan_net, SMALL_EP, digits, cfg, log=str)
+    with pytest.raises(TypeError, match="model must be an eqprop_jax model.*AbstractModel"):
+        fit(eqx.nn.Linear(64, 10, key=jax.random.PRNGKey(0)), SMALL_EP, digits, cfg, log=str)
     with pytest.raises(TypeError, match="must be an eqprop_jax.data.Dataset"):
         fit(small_net(), SMALL_EP, (digits.x_train, digits.y_train), cfg, log=str)
     with pytest.raises(ValueError, match="larger than the 96 training examples"):

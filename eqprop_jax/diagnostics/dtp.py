@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from ..estimators.backprop import Backprop
 from ..estimators.dtp import cross_entropy, dtp_gradients, local_forward_loss
 from ..models.layered import ConvFeedback, DenseFeedback, LayeredNet, transpose_kernel
 from .alignment import Alignment, gradient_alignment
@@ -31,14 +32,10 @@ from .alignment import Alignment, gradient_alignment
 
 @eqx.filter_jit
 def backprop_gradients(model: LayeredNet, x: Array, y: Array) -> tuple[Array, PyTree]:
-    """Batch-mean cross-entropy and its autodiff gradient (structure of the filtered model)."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def loss(p):
-        m = eqx.combine(p, static)
-        return jnp.mean(jax.vmap(lambda a, b: cross_entropy(m(a), b))(x, y))
-
-    return jax.value_and_grad(loss)(params)
+    """Batch-mean cross-entropy and its autodiff gradient (structure of the filtered
+    model): [`eqprop_jax.Backprop`][]'s estimate."""
+    loss, grads, _ = Backprop()(model, x, y)
+    return loss, grads
 
 
 def gauss_newton_targets(

@@ -32,6 +32,15 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 Carry = TypeVar("Carry")
+
+# The default number of bucket sizes: `AbstractSolver.batch_buckets`, which the
+# implicit adjoints' linear solves follow; custom_root/custom_fixed_point (no solver)
+# and ragged_while_loop itself use it directly.
+BATCH_BUCKETS = 4
+
+# The trace-time switch of `batch_compaction`: not a second bucket setting but an
+# override of every one, for code (train.fit when it shards the batch) that cannot
+# reach the solvers inside the estimators it traces.
 _COMPACTION = contextvars.ContextVar("eqprop_jax_batch_compaction", default=True)
 
 
@@ -167,7 +176,7 @@ def ragged_while_loop(
     body_fun: Callable[[Carry], Carry],
     init_val: Carry,
     *,
-    max_buckets: int = 4,
+    max_buckets: int = BATCH_BUCKETS,
     min_bucket: int = 8,
 ) -> Carry:
     """`jax.lax.while_loop(cond_fun, body_fun, init_val)`, with a batching rule that

@@ -6,13 +6,24 @@ At z* = f(z*, θ), with J = ∂f/∂z at z*, the implicit function theorem gives
 
 Every adjoint below except [`eqprop_jax.Unrolled`][] is a way of solving the linear
 system A x = b with A = I - J (forward mode) or Aᵀ u = g (reverse mode, the
-*adjoint* system). They are plugged into `jax.lax.custom_linear_solve`, so
-[`eqprop_jax.fixed_point`][] supports `jax.jvp` and `jax.grad` with each of them.
+*adjoint* system) with a linear solver object ([`eqprop_jax.AbstractLinearSolver`][]:
+[`eqprop_jax.BiCGStab`][], [`eqprop_jax.GMRES`][], [`eqprop_jax.NormalCG`][],
+[`eqprop_jax.Richardson`][]). They are plugged into `jax.lax.custom_linear_solve`,
+so [`eqprop_jax.fixed_point`][] supports `jax.jvp` and `jax.grad` with each of them.
+[`eqprop_jax.Implicit`][] takes any linear solver; [`eqprop_jax.AlmeidaPineda`][],
+[`eqprop_jax.Neumann`][] and [`eqprop_jax.PhantomGradient`][] are presets of
+Richardson under the names the literature gives them.
 
-Each adjoint checks its own solve: it measures the relative residual
-ρ = ‖A x - b‖ / ‖b‖ and counts the solve as failed when ρ > max(10 tol, 100 ε)
-(ε the dtype's machine epsilon; [`eqprop_jax.Neumann`][]: when the series grows,
-ρ > 1), or when it is not finite. `on_failure` says what then happens:
+Every adjoint owns the differentiation of the solve through one method, `apply`
+(as optimistix's adjoints do): the implicit ones run the solve outside autodiff and
+attach the implicit-function-theorem derivative, `Unrolled` runs it in a loop that
+autodiff can go through.
+
+Each implicit adjoint checks its own solve: it measures the relative residual
+ρ = ‖A x - b‖ / ‖b‖ and counts the solve as failed when ρ exceeds the linear
+solver's threshold, max(10 tol, 100 ε) (ε the dtype's machine epsilon; for a
+truncated series such as [`eqprop_jax.Neumann`][]'s, 1: the series grows), or when
+it is not finite. `on_failure` says what then happens:
 
 - `"nan"` (default): that example's solution becomes NaN, so the gradient shows
   the failure instead of carrying a wrong finite value. It costs nothing: no host
@@ -28,29 +39,37 @@ the statistics (no callback), or `callback`, a host function that receives an
 [`eqprop_jax.AdjointStats`][] from every solve.
 
 `tol=None` (the default) follows the forward solve: the tolerance the solver used
-(its `tol`, or the dtype's default, [`eqprop_jax.default_tol`][]).
+(its `tol`, or the dtype's default, [`eqprop_jax.default_tol`][]). Under `vmap` the
+backward solves use the forward solver's `batch_buckets`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: equinox reads `eqx.AbstractVar` only from
+# evaluated annotations (as strings they would silently become plain fields).
 import abc
 import warnings
 from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-import jax.scipy.sparse.linalg as jsla
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PyTree
 
 from .. import _checks
-from ._krylov import bicgstab, gmres, norm
+from .._checks import default_tol
+from ._implicit import implicit_jvp
+from ._krylov import norm
 from ._ragged import ragged_while_loop
+from .linear_solvers import AbstractLinearSolver, BiCGStab, Richardson, _Identity
+from .solvers.base import AbstractSolver
 
 Linear = Callable[[Array], Array]
+FlatMap = Callable[[PyTree, Array], Array]
+SolveOutput = tuple[Array, Array, Array, Array]  # z, result, steps, residual
+Primal = Callable[[tuple[PyTree, Array], Callable[..., PyTree], int], SolveOutput]
 _ON_FAILURE = ("nan", "raise", "warn", "ignore")
 OnFailure = Literal["nan", "raise", "warn", "ignore"]
 
@@ -70,7 +89,7 @@ class AdjointStats(eqx.Module):
     failures: Float[Array, "..."] | None = None
 
     @classmethod
-    def from_probe(cls, probe_cotangent: Float[Array, "... 3"]) -> AdjointStats:
+    def from_probe(cls, probe_cotangent: Float[Array, "... 3"]) -> "AdjointStats":
         """The statistics carried by the cotangent of an [`eqprop_jax.adjoint_probe`][]."""
         ct = jnp.asarray(probe_cotangent)
         if ct.shape[-1:] != (3,):
@@ -113,23 +132,76 @@ def _warn(converged, steps, residual):
         )
 
 
-class AbstractAdjoint(eqx.Module):
-    """How [`eqprop_jax.fixed_point`][] is differentiated.
+# The loops an adjoint hands to the solve, all called as
+# loop(cond, body, init, *, max_steps, buckets) -> final carry.
 
-    Two kinds: [`eqprop_jax.AbstractLinearAdjoint`][] (implicit differentiation: a
-    linear solve at the fixed point) and [`eqprop_jax.Unrolled`][] (autodiff through
-    the iterations).
+
+def _ragged_loop(cond, body, init, *, max_steps, buckets):
+    del max_steps
+    return ragged_while_loop(cond, body, init, max_buckets=buckets)
+
+
+def _checkpointed_loop(cond, body, init, *, max_steps, buckets):
+    del buckets
+    return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
+
+
+def _lax_loop(cond, body, init, *, max_steps, buckets):
+    del max_steps, buckets
+    return lax.while_loop(cond, body, init)
+
+
+class AbstractAdjoint(eqx.Module):
+    """How [`eqprop_jax.fixed_point`][] is differentiated: the adjoint runs the solve.
+
+    As in optimistix, the adjoint owns differentiation through one method, `apply`,
+    which receives the solve as a function and decides both the loop it runs in and
+    the derivative its answer gets. Two kinds: [`eqprop_jax.AbstractLinearAdjoint`][]
+    (the implicit function theorem: a linear solve at the fixed point) and
+    [`eqprop_jax.Unrolled`][] (autodiff through the iterations).
     """
+
+    @abc.abstractmethod
+    def apply(
+        self,
+        primal: Primal,
+        fn: FlatMap,
+        inputs: tuple[PyTree, Array],
+        solver: AbstractSolver,
+        *,
+        probe: Array | None = None,
+        best_so_far: bool = False,
+    ) -> SolveOutput:
+        """Run the solve and give its answer this adjoint's derivative.
+
+        Args:
+            primal: the solve, `primal(inputs, loop, min_steps)`, returning
+                (z, result, steps, residual). `loop(cond, body, init, *, max_steps,
+                buckets)` is the while loop it iterates in; `min_steps` the updates
+                it must take before it may stop on the tolerance.
+            fn: the flat map, `fn(dyn, z) = f(z)`, of which z is the fixed point.
+            inputs: `(dyn, z0)`: the differentiable arrays of f and its arguments,
+                and the flat initial state.
+            solver: the forward solver: its tolerance and `batch_buckets` are the
+                ones the backward solves follow.
+            probe: an [`eqprop_jax.adjoint_probe`][], or None.
+            best_so_far: the solve returns its lowest-residual iterate, which is
+                finite even when the solve is not.
+        """
 
 
 class AbstractLinearAdjoint(AbstractAdjoint):
     """Implicit differentiation: solves (I - J) x = b and (I - Jᵀ) u = g at z*.
 
-    Concrete adjoints implement `linear_solve(op, b, tol)`, returning x with
-    op(x) ≈ b and the iterations used; this class checks the answer (see the module
-    docstring for `tol`, `on_failure` and `callback`).
+    The solve runs outside autodiff (a [`eqprop_jax.ragged_while_loop`][]); its answer
+    is given the derivative of the implicit function theorem, whose linear systems
+    `linear_solver` ([`eqprop_jax.AbstractLinearSolver`][]) solves and this class
+    checks (see the module docstring for `tol`, `on_failure` and `callback`).
+    Concrete adjoints declare these four; [`eqprop_jax.Implicit`][] takes any linear
+    solver, the others are presets of one.
     """
 
+    linear_solver: eqx.AbstractVar[AbstractLinearSolver]
     tol: eqx.AbstractVar[float | None]
     on_failure: eqx.AbstractVar[OnFailure]
     callback: eqx.AbstractVar[Callable[[AdjointStats], None] | None]
@@ -141,23 +213,28 @@ class AbstractLinearAdjoint(AbstractAdjoint):
         if self.callback is not None and not callable(self.callback):
             raise TypeError(f"{who}: `callback` must be callable, got {self.callback!r}.")
 
-    @abc.abstractmethod
-    def linear_solve(self, op: Linear, b: Array, tol: float) -> tuple[Array, Array]:
-        """x with op(x) ≈ b (relative tolerance `tol`), and the iterations used."""
+    def tolerance(self, solver: AbstractSolver | None, dtype) -> float:
+        """The linear solves' relative tolerance: `tol`, or with `tol=None` the forward
+        solve's (its atol), or the dtype's [`eqprop_jax.default_tol`][] where there is
+        no forward tolerance (no solver, or a fixed-step solve)."""
+        if self.tol is not None:
+            return self.tol
+        if solver is None or solver.fixed_steps:
+            return default_tol(dtype)
+        return solver.tolerances(dtype)[0]
 
-    def failure_threshold(self, tol: float, dtype) -> float:
-        """The relative residual above which a solve counts as failed."""
-        return max(10 * tol, 100 * float(jnp.finfo(dtype).eps))
-
-    def checked_solve(self, op: Linear, b: Array, tol: float) -> tuple[Array, Array]:
+    def checked_solve(
+        self, op: Linear, b: Array, tol: float, batch_buckets: int
+    ) -> tuple[Array, Array]:
         """Solve op(x) = b, check it, apply `on_failure`; returns x and the statistics
         (steps, relative residual, failed) as a vector of b's real dtype."""
-        x, steps = self.linear_solve(op, b, tol)
+        x, steps = self.linear_solver.solve(op, b, tol, batch_buckets)
         real = jnp.real(b).dtype
         # One extra matvec: the Krylov loops track an updated residual that drifts
         # from the true one in low precision; the check uses the true one.
         rel = norm(op(x) - b) / jnp.maximum(norm(b), jnp.finfo(real).tiny)
-        converged = jnp.isfinite(rel) & (rel <= self.failure_threshold(tol, real))
+        threshold = self.linear_solver.failure_threshold(tol, real)
+        converged = jnp.isfinite(rel) & (rel <= threshold)
         if self.on_failure == "nan":
             x = jnp.where(converged, x, jnp.nan).astype(x.dtype)
         elif self.on_failure == "raise":
@@ -174,34 +251,58 @@ class AbstractLinearAdjoint(AbstractAdjoint):
         )
         return x, stats
 
+    def apply(self, primal, fn, inputs, solver, *, probe=None, best_so_far=False):
+        dyn, z0 = inputs
+        tol = self.tolerance(solver, z0.dtype)
+        buckets = solver.batch_buckets
 
-def richardson(op: Linear, b: Array, tol: float, max_steps: int, fixed: bool, buckets: int = 4):
-    """x_{k+1} = x_k + (b - A x_k): for A = I - J, x_{k+1} = J x_k + b.
+        def linear_solve(op, b):
+            return self.checked_solve(op, b, tol, buckets)
 
-    From x_0 = 0 the iterates are the partial sums of the Neumann series Σ_i J^i b
-    and the residual after k steps is J^k b.
+        return implicit_jvp(
+            lambda dyn, z0: primal((dyn, z0), _ragged_loop, 0),
+            fn,
+            dyn,
+            z0,
+            probe,
+            linear_solve,
+            best_so_far,
+        )
+
+
+class Implicit(AbstractLinearAdjoint):
+    r"""The implicit function theorem, (I - Jᵀ) u = g solved by `linear_solver`.
+
+    `linear_solver`: an [`eqprop_jax.AbstractLinearSolver`][]:
+    [`eqprop_jax.BiCGStab`][] (the default), [`eqprop_jax.GMRES`][] (slower here but
+    the most robust, e.g. when BiCGStab breaks down on a strongly non-normal J),
+    [`eqprop_jax.NormalCG`][] (CG on the normal equations) or
+    [`eqprop_jax.Richardson`][] (the adjoint fixed-point iteration; see the presets
+    [`eqprop_jax.AlmeidaPineda`][], [`eqprop_jax.Neumann`][],
+    [`eqprop_jax.PhantomGradient`][]). Each carries its own step budget:
+    `Implicit(GMRES(max_steps=50, restart=30), tol=1e-10)`.
+
+    The solve stops when ‖A x - b‖₂ <= tol ‖b‖₂ (relative); `tol=None` follows the
+    forward solve. Under `vmap` the solves are per-example ragged loops with the
+    forward solver's `batch_buckets` bucket sizes (except NormalCG's, in lockstep).
     """
-    if fixed:
-        x = lax.fori_loop(0, max_steps, lambda _, x: x + (b - op(x)), jnp.zeros_like(b))
-        return x, jnp.array(max_steps, jnp.int32)
-    bnorm = norm(b)
 
-    def cond(c):
-        x, r, k = c
-        return (k < max_steps) & (norm(r) > tol * bnorm) & jnp.all(jnp.isfinite(r))
+    linear_solver: AbstractLinearSolver = BiCGStab()
+    tol: float | None = eqx.field(default=None, kw_only=True)
+    on_failure: OnFailure = eqx.field(default="nan", kw_only=True)
+    callback: Callable[[AdjointStats], None] | None = eqx.field(default=None, kw_only=True)
 
-    def body(c):
-        x, r, k = c
-        x = x + r
-        return x, b - op(x), k + 1
-
-    init = (jnp.zeros_like(b), b, jnp.array(0, jnp.int32))
-    x, _, k = ragged_while_loop(cond, body, init, max_buckets=buckets)
-    return x, k
+    def __check_init__(self):
+        if not isinstance(self.linear_solver, AbstractLinearSolver):
+            raise TypeError(
+                "Implicit: `linear_solver` must be an eqprop_jax linear solver (BiCGStab(), "
+                f"GMRES(), NormalCG(), Richardson()), got {self.linear_solver!r}."
+            )
 
 
 class AlmeidaPineda(AbstractLinearAdjoint):
-    r"""Recurrent backpropagation (Almeida 1987; Pineda 1987).
+    r"""Recurrent backpropagation (Almeida 1987; Pineda 1987): a preset of
+    [`eqprop_jax.Richardson`][]`(max_steps)`.
 
     Iterates the adjoint fixed point u_{k+1} = Jᵀ u_k + g from u_0 = 0 until
     ‖g - (I - Jᵀ) u‖₂ <= tol ‖g‖₂ or `max_steps`. It converges iff the spectral
@@ -209,26 +310,28 @@ class AlmeidaPineda(AbstractLinearAdjoint):
     otherwise use [`eqprop_jax.Implicit`][]. Each step costs one vector-Jacobian
     product of f. (Forward mode iterates x_{k+1} = J x_k + b likewise.) Under `vmap`
     each example stops on its own and the iteration is a
-    [`eqprop_jax.ragged_while_loop`][] with `batch_buckets` bucket sizes, as in
-    [`eqprop_jax.AbstractSolver`][].
+    [`eqprop_jax.ragged_while_loop`][] with the forward solver's `batch_buckets`.
+
+    `AlmeidaPineda(max_steps)` computes exactly what
+    `Implicit(Richardson(max_steps))` does.
     """
 
     max_steps: int = 1000
-    batch_buckets: int = 4
     tol: float | None = eqx.field(default=None, kw_only=True)
     on_failure: OnFailure = eqx.field(default="nan", kw_only=True)
     callback: Callable[[AdjointStats], None] | None = eqx.field(default=None, kw_only=True)
 
     def __check_init__(self):
         _checks.positive_int("AlmeidaPineda", "max_steps", self.max_steps)
-        _checks.positive_int("AlmeidaPineda", "batch_buckets", self.batch_buckets)
 
-    def linear_solve(self, op, b, tol):
-        return richardson(op, b, tol, self.max_steps, False, self.batch_buckets)
+    @property
+    def linear_solver(self) -> Richardson:
+        return Richardson(self.max_steps)
 
 
 class Neumann(AbstractLinearAdjoint):
-    r"""Truncated Neumann series u = Σ_{i=0}^{k} (Jᵀ)^i g.
+    r"""Truncated Neumann series u = Σ_{i=0}^{k} (Jᵀ)^i g: a preset of
+    [`eqprop_jax.Richardson`][]`(k + 1, truncated=True)`.
 
     At a converged fixed point this equals truncated BPTT through k + 1 steps of
     the map (Liao et al. 2018, "Reviving and improving recurrent
@@ -249,57 +352,9 @@ class Neumann(AbstractLinearAdjoint):
     def __check_init__(self):
         _checks.positive_int("Neumann", "k", self.k, minimum=0)
 
-    def failure_threshold(self, tol, dtype):
-        return 1.0
-
-    def linear_solve(self, op, b, tol):
-        return richardson(op, b, 0.0, self.k + 1, fixed=True)
-
-
-class Implicit(AbstractLinearAdjoint):
-    r"""Implicit function theorem with a Krylov solve of (I - Jᵀ) u = g.
-
-    `method`: `"bicgstab"` (BiCGStab, van der Vorst 1992; the default),
-    `"gmres"` (restarted GMRES, Saad & Schultz 1986: slower here but the most
-    robust, e.g. when BiCGStab breaks down on a strongly non-normal J), or
-    `"normal_cg"` (conjugate gradients on the normal equations A Aᴴ y = g,
-    u = Aᴴ y). Stops when ‖A x - b‖₂ <= tol ‖b‖₂ (relative) or after `max_steps`
-    iterations (for GMRES, restart cycles of `restart` inner steps).
-
-    BiCGStab and GMRES are this library's own per-example loops
-    (`eqprop_jax._krylov`), [`eqprop_jax.ragged_while_loop`][]s with
-    `batch_buckets` bucket sizes: under `vmap` an example whose adjoint has
-    converged stops costing matvecs, and its statistics count its own iterations
-    (GMRES: inner steps). Normal CG comes from `jax.scipy` and runs the batch in
-    lockstep (its step count is `max_steps`).
-    """
-
-    method: Literal["gmres", "bicgstab", "normal_cg"] = "bicgstab"
-    max_steps: int = 100
-    restart: int = 20
-    batch_buckets: int = 4
-    tol: float | None = eqx.field(default=None, kw_only=True)
-    on_failure: OnFailure = eqx.field(default="nan", kw_only=True)
-    callback: Callable[[AdjointStats], None] | None = eqx.field(default=None, kw_only=True)
-
-    def __check_init__(self):
-        _checks.choice("Implicit", "method", self.method, ("gmres", "bicgstab", "normal_cg"))
-        _checks.positive_int("Implicit", "max_steps", self.max_steps)
-        _checks.positive_int("Implicit", "restart", self.restart)
-        _checks.positive_int("Implicit", "batch_buckets", self.batch_buckets)
-
-    def linear_solve(self, op, b, tol):
-        if self.method == "gmres":
-            return gmres(op, b, tol, self.max_steps, self.restart, self.batch_buckets)
-        if self.method == "bicgstab":
-            return bicgstab(op, b, tol, self.max_steps, self.batch_buckets)
-        op_t = jax.linear_transpose(op, b)
-
-        def op_h(v):  # Aᴴ v = conj(Aᵀ conj(v)): the normal equations need the adjoint
-            return jnp.conj(op_t(jnp.conj(v))[0])
-
-        y, _ = jsla.cg(lambda v: op(op_h(v)), b, tol=tol, atol=0.0, maxiter=self.max_steps)
-        return op_h(y), jnp.array(self.max_steps, jnp.int32)
+    @property
+    def linear_solver(self) -> Richardson:
+        return Richardson(self.k + 1, truncated=True)
 
 
 class Unrolled(AbstractAdjoint):
@@ -321,13 +376,37 @@ class Unrolled(AbstractAdjoint):
     mode raises an error.
 
     The implicit adjoints ([`eqprop_jax.Implicit`][], [`eqprop_jax.AlmeidaPineda`][],
-    [`eqprop_jax.Neumann`][]) support both modes.
+    [`eqprop_jax.Neumann`][]) support both modes. A `probe` is not used.
     """
 
     mode: Literal["reverse", "forward"] = "reverse"
 
     def __check_init__(self):
         _checks.choice("Unrolled", "mode", self.mode, ("reverse", "forward"))
+
+    def apply(self, primal, fn, inputs, solver, *, probe=None, best_so_far=False):
+        del fn, solver, probe, best_so_far
+        if self.mode == "forward":
+            z, *rest = primal(inputs, _lax_loop, 1)
+            return (eqxi.nondifferentiable_backward(z, msg=_NO_REVERSE), *rest)
+        try:
+            return primal(inputs, _checkpointed_loop, 1)
+        except TypeError as e:
+            if "forward-mode" not in str(e) and "jvp" not in str(e):
+                raise
+            raise TypeError(
+                "fixed_point: forward-mode autodiff (jax.jvp, jax.jacfwd) is not supported "
+                "through adjoint=Unrolled(), which differentiates the loop in reverse mode "
+                "only. Use Unrolled(mode='forward') for forward mode through the iterations, "
+                "or an implicit adjoint (both modes): Implicit(), AlmeidaPineda() or Neumann(k)."
+            ) from None
+
+
+_NO_REVERSE = (
+    "fixed_point: adjoint=Unrolled(mode='forward') differentiates the iterations in "
+    "forward mode only (jax.jvp, jax.jacfwd); for reverse mode (jax.grad, jax.vjp) use "
+    "Unrolled() (mode='reverse') or an implicit adjoint."
+)
 
 
 # -- inexact gradients: truncations that are cheap by design ------------------------
@@ -341,7 +420,9 @@ class JacobianFree(AbstractLinearAdjoint):
     gradient of one application of f at the equilibrium with z* held fixed
     (forward mode likewise returns x = b = ∂f/∂θ · θ̇). It is exactly
     [`eqprop_jax.Neumann`][]`(0)` (the series Σ_{i=0}^{0} (Jᵀ)^i g = g) and
-    [`eqprop_jax.PhantomGradient`][]`(k=1, damping=1.0)`.
+    [`eqprop_jax.PhantomGradient`][]`(k=1, damping=1.0)`, but not a preset of
+    [`eqprop_jax.Richardson`][]: that one step from u_0 = 0 would cost a product with
+    Jᵀ (of zero) and count as one iteration, where this costs none and counts none.
 
     Fung et al. show that when f is a contraction in z (‖J‖ <= γ < 1) this is a
     descent direction. The check follows that condition: the relative residual of
@@ -356,16 +437,15 @@ class JacobianFree(AbstractLinearAdjoint):
     on_failure: OnFailure = eqx.field(default="nan", kw_only=True)
     callback: Callable[[AdjointStats], None] | None = eqx.field(default=None, kw_only=True)
 
-    def failure_threshold(self, tol, dtype):
-        return 1.0
-
-    def linear_solve(self, op, b, tol):
-        return b, jnp.array(0, jnp.int32)
+    @property
+    def linear_solver(self) -> AbstractLinearSolver:
+        return _Identity()
 
 
 class PhantomGradient(AbstractLinearAdjoint):
     r"""Unrolled phantom gradient (Geng, Zhang, Bai, Wang & Lin 2021, "On training
-    implicit models", NeurIPS), with `k` steps and damping λ = `damping`.
+    implicit models", NeurIPS), with `k` steps and damping λ = `damping`: a preset of
+    [`eqprop_jax.Richardson`][]`(k, damping, truncated=True)`.
 
     The paper differentiates k damped steps h_{t+1} = λ f(h_t) + (1 - λ) h_t run
     from h_0 = z* (held fixed). At a fixed point every step has the same Jacobian,
@@ -408,10 +488,6 @@ class PhantomGradient(AbstractLinearAdjoint):
         if not 0 < self.damping <= 1:
             raise ValueError(f"PhantomGradient: `damping` must lie in (0, 1], got {self.damping}.")
 
-    def failure_threshold(self, tol, dtype):
-        return 1.0
-
-    def linear_solve(self, op, b, tol):
-        lam = self.damping
-        x = lax.fori_loop(0, self.k, lambda _, x: x + lam * (b - op(x)), jnp.zeros_like(b))
-        return x, jnp.array(self.k, jnp.int32)
+    @property
+    def linear_solver(self) -> Richardson:
+        return Richardson(self.k, self.damping, truncated=True)

@@ -28,7 +28,7 @@ import jax.tree_util as jtu
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from .._checks import default_tol
+from ._ragged import BATCH_BUCKETS
 from .adjoints import AbstractLinearAdjoint, Implicit
 
 
@@ -72,7 +72,7 @@ def _attach(residual, sol, theta, adjoint: AbstractLinearAdjoint, who: str):
         )
     fn = eqx.filter_closure_convert(residual, sol, theta)
     dyn, static = eqx.partition((fn, theta), eqx.is_array)
-    tol = default_tol(flat.dtype) if adjoint.tol is None else adjoint.tol
+    tol = adjoint.tolerance(None, flat.dtype)
 
     def flat_residual(z, dyn):
         dyn = jtu.tree_map(jnp.asarray, dyn)  # a Python float under eager grad
@@ -80,7 +80,7 @@ def _attach(residual, sol, theta, adjoint: AbstractLinearAdjoint, who: str):
         return ravel_pytree(fn_(unravel(z), theta_))[0].astype(z.dtype)
 
     def solve(matvec, b):
-        return adjoint.checked_solve(matvec, b, tol)[0]
+        return adjoint.checked_solve(matvec, b, tol, BATCH_BUCKETS)[0]
 
     @jax.custom_jvp
     def implicit(z, dyn):
@@ -121,7 +121,8 @@ def custom_root(
         has_aux: the solver returns `(z, aux)`; aux is passed through, with no
             derivative (it is computed from gradient-stopped inputs).
         adjoint: the linear solve with ∂g/∂z: [`eqprop_jax.Implicit`][] (default:
-            BiCGStab, for any invertible ∂g/∂z), or [`eqprop_jax.AlmeidaPineda`][] /
+            BiCGStab, for any invertible ∂g/∂z; `Implicit(GMRES())` etc.), or
+            [`eqprop_jax.AlmeidaPineda`][] /
             [`eqprop_jax.Neumann`][], which iterate with I - ∂g/∂z and need its
             spectral radius below one. `tol=None` means the dtype's
             [`eqprop_jax.default_tol`][]; `on_failure` applies as in

@@ -6,19 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
-from jax import lax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
-from .._checks import default_tol
-from ._ragged import ragged_while_loop
 from ._solution import Result, Solution, Stats
-from .adjoints import AbstractAdjoint, Implicit, Unrolled
+from .adjoints import AbstractAdjoint, Implicit
 from .solvers.base import AbstractSolver, residuals
 from .solvers.picard import Picard
 
@@ -113,15 +108,15 @@ def _iterate(
     solver: AbstractSolver,
     fn: Callable[[Array], Array],
     z0: Array,
-    loop: str,
+    loop: Callable[..., Any],
     tols: tuple[float, float],
     min_steps: int = 0,
     best_so_far: bool = False,
 ):
     """Run `solver` on the flat map `fn` from `z0`; returns (z, result, steps, residual).
 
-    `loop`: "ragged" (a [`eqprop_jax.ragged_while_loop`][]), "checkpointed"
-    (reverse-mode differentiable) or "lax" (forward-mode differentiable).
+    `loop(cond, body, init, *, max_steps, buckets)`: the while loop, the adjoint's
+    choice (a [`eqprop_jax.ragged_while_loop`][], or one autodiff can go through).
     `tols` are the resolved (atol, rtol). `min_steps` forces that many updates before
     any stopping test but the non-finite one (the unrolled adjoint needs one, so that
     its gradient sees f even when z0 already meets the tolerance); the iterates
@@ -189,15 +184,10 @@ def _iterate(
             keep = (jnp.where(better, z, z_best), jnp.where(better, res, res_best))
         return z, fz, state, step, res, jnp.minimum(best, absolute), keep, result
 
-    if loop == "ragged":
-        # A fixed-step solve stops an example early only when f(z) = z holds
-        # exactly, so compaction would only add compiled copies of the body.
-        buckets = 1 if fixed else solver.batch_buckets
-        out = ragged_while_loop(cond, body, init, max_buckets=buckets)
-    elif loop == "lax":
-        out = lax.while_loop(cond, body, init)
-    else:
-        out = eqxi.while_loop(cond, body, init, max_steps=solver.max_steps, kind=loop)
+    # A fixed-step solve stops an example early only when f(z) = z holds exactly, so
+    # compaction would only add compiled copies of the body.
+    buckets = 1 if fixed else solver.batch_buckets
+    out = loop(cond, body, init, max_steps=solver.max_steps, buckets=buckets)
     z, _, _, step, res, _, keep, result = out
     # A non-finite solve returns NaN, never a finite iterate that looks valid...
     z = jnp.where(result == Result.nonfinite, jnp.nan, z).astype(z.dtype)
@@ -209,93 +199,6 @@ def _iterate(
         z = jnp.where(found, z_best, z)
         res = jnp.where(found, res_best, res)
     return z, result, step, res.astype(real)
-
-
-def _solve_implicit(dyn, z0, probe, *, flat_fn, solver, adjoint, tols, adjoint_tol, best_so_far):
-    def linear(matvec, rhs, solve_fn):
-        # With a probe the system is augmented with a 3-vector slot, (A x, s) = (b, p),
-        # whose "solution" is the solve's statistics: they become the probe's
-        # cotangent under `jax.grad` (and its tangent's image under `jax.jvp`).
-        if probe is None:
-            return solve_fn(matvec, rhs, adjoint_tol)[0]
-        b, slot = rhs
-        x, stats = solve_fn(lambda v: matvec((v, jnp.zeros_like(slot)))[0], b, adjoint_tol)
-        return x, stats.astype(slot.dtype)
-
-    @jax.custom_jvp
-    def solve(dyn, z0, probe):
-        return _iterate(
-            solver, lambda z: flat_fn(dyn, z), lax.stop_gradient(z0), "ragged", tols,
-            best_so_far=best_so_far,
-        )
-
-    @solve.defjvp
-    def solve_jvp(primals, tangents):
-        dyn, z0, probe_ = primals
-        t_dyn, _, t_probe = tangents
-        out = solve(dyn, z0, probe_)
-        z = out[0]
-        _, b = jax.jvp(lambda d: flat_fn(d, z), (dyn,), (t_dyn,))
-        _, jac_z = jax.linearize(lambda zz: flat_fn(dyn, zz), z)
-        if probe is None:
-            matvec = lambda v: v - jac_z(v)
-            rhs = b
-        else:
-            matvec = lambda v: (v[0] - jac_z(v[0]), v[1])
-            # custom_linear_solve transposes only when every part of its right-hand
-            # side is linear in the differentiated inputs: a never-taken `select`
-            # couples each part to the other (for when only the probe, or only θ, is
-            # differentiated). Unlike 0 * x, it transposes to an exact zero even when
-            # the other part's cotangent is NaN.
-            never = jnp.zeros((), bool)
-            zero_b = jnp.zeros((), b.dtype)
-            zero_p = jnp.zeros((), t_probe.dtype)
-            rhs = (
-                b + lax.select(never, jnp.sum(t_probe).astype(b.dtype), zero_b),
-                t_probe + lax.select(never, jnp.sum(jnp.real(b)).astype(zero_p.dtype), zero_p),
-            )
-        dz = lax.custom_linear_solve(
-            matvec,
-            rhs,
-            solve=lambda mv, r: linear(mv, r, adjoint.checked_solve),
-            transpose_solve=lambda mv, r: linear(mv, r, adjoint.checked_solve),
-        )
-        if probe is not None:
-            dz = dz[0]
-        # A non-finite solve has a NaN derivative too, in forward and reverse mode alike
-        # (a product with NaN transposes to NaN; a `where` would transpose to zero).
-        # A best-so-far iterate is finite: it is differentiated like any other.
-        if not best_so_far:
-            dz = dz * jnp.where(out[1] == Result.nonfinite, jnp.nan, 1).astype(dz.dtype)
-        t_int = np.zeros(out[1].shape, jax.dtypes.float0)
-        return out, (dz, t_int, np.zeros(out[2].shape, jax.dtypes.float0), jnp.zeros_like(out[3]))
-
-    return solve(dyn, z0, probe)
-
-
-_NO_REVERSE = (
-    "fixed_point: adjoint=Unrolled(mode='forward') differentiates the iterations in "
-    "forward mode only (jax.jvp, jax.jacfwd); for reverse mode (jax.grad, jax.vjp) use "
-    "Unrolled() (mode='reverse') or an implicit adjoint."
-)
-
-
-def _unrolled(dyn, flat0, *, flat_fn, solver, tols, mode, best_so_far):
-    fn = lambda z: flat_fn(dyn, z)
-    if mode == "forward":
-        z, *rest = _iterate(solver, fn, flat0, "lax", tols, 1, best_so_far)
-        return (eqxi.nondifferentiable_backward(z, msg=_NO_REVERSE), *rest)
-    try:
-        return _iterate(solver, fn, flat0, "checkpointed", tols, 1, best_so_far)
-    except TypeError as e:
-        if "forward-mode" not in str(e) and "jvp" not in str(e):
-            raise
-        raise TypeError(
-            "fixed_point: forward-mode autodiff (jax.jvp, jax.jacfwd) is not supported "
-            "through adjoint=Unrolled(), which differentiates the loop in reverse mode "
-            "only. Use Unrolled(mode='forward') for forward mode through the iterations, "
-            "or an implicit adjoint (both modes): Implicit(), AlmeidaPineda() or Neumann(k)."
-        ) from None
 
 
 def fixed_point(
@@ -324,9 +227,13 @@ def fixed_point(
             [`eqprop_jax.Broyden`][], [`eqprop_jax.Newton`][] or
             [`eqprop_jax.Chord`][]; it fixes the stopping rule (see
             [`eqprop_jax.AbstractSolver`][]).
-        adjoint: how to differentiate: [`eqprop_jax.Implicit`][] (default),
-            [`eqprop_jax.AlmeidaPineda`][], [`eqprop_jax.Neumann`][] or
-            [`eqprop_jax.Unrolled`][] (BPTT through the iterations).
+        adjoint: how to differentiate: [`eqprop_jax.Implicit`][] (default, with a
+            [`eqprop_jax.BiCGStab`][] linear solve; or `Implicit(GMRES())`, ...), its
+            Richardson presets [`eqprop_jax.AlmeidaPineda`][],
+            [`eqprop_jax.Neumann`][] and [`eqprop_jax.PhantomGradient`][],
+            [`eqprop_jax.JacobianFree`][], or [`eqprop_jax.Unrolled`][] (BPTT
+            through the iterations). The adjoint runs the solve
+            ([`eqprop_jax.AbstractAdjoint`][]`.apply`).
         has_aux: f returns a pair `(z, aux)`; only z enters the fixed point, and
             `Solution.aux` is aux evaluated at the returned value (one more
             evaluation of f after the solve), differentiable through it.
@@ -358,8 +265,9 @@ def fixed_point(
     one batch.
 
     The derivative of z* follows the implicit function theorem,
-    dz*/dθ = (I - ∂f/∂z)⁻¹ ∂f/∂θ, whatever solver found z*; the adjoint decides how
-    that linear system is solved. Both `jax.jvp` and `jax.grad` work with the
+    dz*/dθ = (I - ∂f/∂z)⁻¹ ∂f/∂θ, whatever solver found z*; the adjoint's linear
+    solver ([`eqprop_jax.AbstractLinearSolver`][]) solves that linear system, with
+    the forward solver's `batch_buckets` under `vmap`. Both `jax.jvp` and `jax.grad` work with the
     implicit adjoints; [`eqprop_jax.Unrolled`][] works in one mode, reverse by
     default and forward with `mode="forward"`. By default a failed backward solve
     gives NaN in the affected example's derivative (see
@@ -388,44 +296,21 @@ def fixed_point(
         return ravel_pytree(fn_(unravel(zf), args_))[0]
 
     tols = solver.tolerances(flat0.dtype)
-    if isinstance(adjoint, Unrolled):
-        out = _unrolled(
-            dyn, flat0, flat_fn=flat_fn, solver=solver, tols=tols, mode=adjoint.mode,
-            best_so_far=best_so_far,
-        )
-    else:
-        if adjoint.tol is not None:
-            adjoint_tol = adjoint.tol
-        elif solver.fixed_steps:  # no forward tolerance to follow
-            adjoint_tol = default_tol(flat0.dtype)
-        else:
-            adjoint_tol = tols[0]
-        if probe is not None:
-            probe = _check_probe(probe)
-        out = _solve_implicit(
-            dyn,
-            flat0,
-            probe,
-            flat_fn=flat_fn,
-            solver=solver,
-            adjoint=adjoint,
-            tols=tols,
-            adjoint_tol=adjoint_tol,
-            best_so_far=best_so_far,
-        )
+    if probe is not None:
+        probe = _check_probe(probe)
+
+    def primal(inputs, loop, min_steps):
+        dyn, z0 = inputs
+        fn = lambda z: flat_fn(dyn, z)
+        return _iterate(solver, fn, z0, loop, tols, min_steps, best_so_far)
+
+    out = adjoint.apply(
+        primal, flat_fn, (dyn, flat0), solver, probe=probe, best_so_far=best_so_far
+    )
     z, result, steps, res = out
     if throw:
-        z = eqx.branched_error_if(
-            z,
-            result != Result.converged,
-            jnp.clip(result, 0, 3),
-            [
-                "",
-                "fixed_point: max_steps reached before convergence",
-                "fixed_point: the iteration diverged",
-                "fixed_point: a NaN or inf appeared in the state",
-            ],
-        )
+        code = jnp.clip(result, 0, len(Result) - 1)
+        z = Result.item(code).error_if(z, result != Result.converged)
     value = unravel(z)
     aux = f(value, args)[1] if has_aux else None
     return Solution(value, result, Stats(steps, res), aux)

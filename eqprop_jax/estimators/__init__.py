@@ -1,10 +1,11 @@
 """Gradient estimators, one file each, one base class."""
 
 from ._batch import phase_results
+from .backprop import Backprop
 from .base import Estimator
 from .bptt import BPTT
 from .continual_ep import ContinualEP
-from .dtp import DTP
+from .dtp import DRL, DTP, LDRL, FeedbackLoss, Lee
 from .ep import EquilibriumProp
 from .rbp import RecurrentBackprop
 from .resistive_ep import ResistiveEP
@@ -17,6 +18,11 @@ __all__ = [
     "EquilibriumProp",
     "RecurrentBackprop",
     "DTP",
+    "Backprop",
+    "FeedbackLoss",
+    "LDRL",
+    "DRL",
+    "Lee",
     "ContinualEP",
     "VectorFieldEP",
     "ResistiveEP",

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ..equilibrium._solution import Result, Solution
+from ..equilibrium import Result, Solution
 
 
 def check_labels(who: str, y: Array, n_outputs: int) -> Array:

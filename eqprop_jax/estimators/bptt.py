@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium._solution import Solution, Stats
+from ..equilibrium import Solution, Stats
 from ._batch import (
     check_batch,
     fixed_steps_result,

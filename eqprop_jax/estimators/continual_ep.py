@@ -9,7 +9,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium._solution import Result, Solution, Stats
+from ..equilibrium import Result, Solution, Stats
 from ..equilibrium.solvers.base import AbstractSolver
 from ..equilibrium.solvers.picard import Picard
 from ._batch import (

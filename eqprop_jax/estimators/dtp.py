@@ -14,38 +14,42 @@ of dL/dθ: for the top layer it is exactly ∇_θ L, and for a lower layer it te
 The variants differ in how the feedback layers G_n are trained ([`DTP.pre_step`][]),
 with ε ~ N(0, σ_n² I) at s_{n−1} and η ~ N(0, σ_n² I) at s_n:
 
-- `"lee"`  (Lee et al. 2015): ‖G_n(F_n(s_{n−1} + ε)) − (s_{n−1} + ε)‖²
+- [`Lee`][] (Lee et al. 2015): ‖G_n(F_n(s_{n−1} + ε)) − (s_{n−1} + ε)‖²
   (G_n learns to invert F_n);
-- `"drl"`  (Meulemans et al. 2020): s_{n−1} + ε is run forward to the output, brought
+- [`DRL`][] (Meulemans et al. 2020): s_{n−1} + ε is run forward to the output, brought
   back down to layer n−1 with the difference rule through G_N..G_n, and compared
   with s_{n−1} + ε; plus λ‖G_n(s_n + η) − G_n(s_n)‖² (not local: it uses the layers
   above);
-- `"ldrl"` (Ernoult et al. 2022, local difference reconstruction loss):
+- [`LDRL`][] (Ernoult et al. 2022, local difference reconstruction loss):
   −2 εᵀ(G_n(F_n(s_{n−1} + ε)) − G_n(s_n)) + ‖G_n(s_n + η) − G_n(s_n)‖²,
   whose expectation is, to second order in σ, σ²‖J_{G_n} − J_{F_n}ᵀ‖²_F + const:
   it is minimised by Jacobian matching J_{G_n} = J_{F_n}ᵀ.
 
 Losses are summed over units and averaged over the batch. Each feedback layer takes
-`feedback_steps` plain SGD steps with fresh noise per step, the forward weights fixed.
+`feedback_steps` steps of its optax optimiser (plain SGD by default) with fresh noise
+per step, the forward weights fixed. A variant is one small Module with one method,
+[`FeedbackLoss.__call__`][], so a new feedback loss is one class.
 """
 
 from __future__ import annotations
 
+import abc
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
+import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.layered import LayeredNet
 from ._batch import check_labels
 from ._validate import check_beta, check_steps
 from .base import Estimator
-
-_VARIANTS = ("lee", "drl", "ldrl")
 
 
 def cross_entropy(logits: Array, y: Array) -> Array:
@@ -115,6 +119,80 @@ def drl_loss(model: LayeredNet, n: int, feedback_layer, states, ctxs, eps, eta, 
     return loss + lam * jnp.sum((feedback_layer(states[n] + eta, ctxs[n - 1]) - g_s) ** 2)
 
 
+class FeedbackLoss(eqx.Module):
+    """How DTP trains a feedback layer G_n: the batch-mean loss G_n descends.
+
+    A variant of DTP is one subclass; `DTP(variant=LDRL())` picks it.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        model: LayeredNet,
+        n: int,
+        feedback_layer: Any,
+        states: list[Array],
+        ctxs: list[Any],
+        eps: Array,
+        eta: Array,
+    ) -> Array:
+        """Batch-mean loss of G_n, given as `feedback_layer`, at the batched activations
+        `states` [s_0..s_N] (each (B, ...)) with noise ε (B, *s_{n−1}) and η (B, *s_n)."""
+
+
+class LDRL(FeedbackLoss):
+    """Local difference reconstruction loss (Ernoult et al. 2022), [`ldrl_loss`][]:
+    −2εᵀ(G_n(F_n(s_{n−1} + ε)) − G_n(s_n)) + ‖G_n(s_n + η) − G_n(s_n)‖²."""
+
+    def __call__(self, model, n, feedback_layer, states, ctxs, eps, eta):
+        f = model.forward[n - 1]
+        per = jax.vmap(lambda sp, s, c, e, h: ldrl_loss(f, feedback_layer, sp, s, c, e, h))(
+            states[n - 1], states[n], ctxs[n - 1], eps, eta
+        )
+        return jnp.mean(per)
+
+
+class Lee(FeedbackLoss):
+    """Lee et al. 2015's reconstruction loss, [`lee_loss`][]:
+    ‖G_n(F_n(s_{n−1} + ε)) − (s_{n−1} + ε)‖² (G_n learns to invert F_n)."""
+
+    def __call__(self, model, n, feedback_layer, states, ctxs, eps, eta):
+        f = model.forward[n - 1]
+        per = jax.vmap(lambda sp, c, e: lee_loss(f, feedback_layer, sp, c, e))(
+            states[n - 1], ctxs[n - 1], eps
+        )
+        return jnp.mean(per)
+
+
+class DRL(FeedbackLoss):
+    """Difference reconstruction loss (Meulemans et al. 2020), [`drl_loss`][], with the
+    regulariser λ‖G_n(s_n + η) − G_n(s_n)‖² of weight `lam` ≥ 0 (not local: it runs
+    s_{n−1} + ε through the layers above)."""
+
+    lam: float = eqx.field(static=True, default=0.0)
+
+    def __check_init__(self):
+        if isinstance(self.lam, bool) or not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"DRL: the regulariser weight lam must be >= 0, got {self.lam}.")
+
+    def __call__(self, model, n, feedback_layer, states, ctxs, eps, eta):
+        per = jax.vmap(
+            lambda st, cs, e, h: drl_loss(model, n, feedback_layer, st, cs, e, h, self.lam)
+        )(states, ctxs, eps, eta)
+        return jnp.mean(per)
+
+
+def feedback_mask(params: PyTree) -> PyTree[bool]:
+    """True on the leaves under `.feedback` of a [`LayeredNet`][] (filtered or not), False
+    elsewhere: the weights [`DTP.pre_step`][] trains itself, which the main optimiser
+    must leave alone (`TrainConfig(frozen=feedback_mask)`; its gradient estimate for
+    them is zero, but weight decay or momentum would still move them)."""
+    if not isinstance(params, LayeredNet):
+        raise TypeError(f"feedback_mask: expected a LayeredNet, got {type(params).__name__}.")
+    mask = jtu.tree_map(lambda _: False, params)
+    return eqx.tree_at(lambda m: m.feedback, mask, jtu.tree_map(lambda _: True, params.feedback))
+
+
 def _as_tuple(name, value, count, kind):
     if isinstance(value, (tuple, list)):
         if len(value) != count:
@@ -155,55 +233,85 @@ def _check_data(model, x, y, where):
 
 
 class DTP(Estimator):
-    r"""Difference target propagation, `variant` "lee", "drl" or "ldrl" (default).
+    r"""Difference target propagation; its feedback loss `variant` is an object:
+    [`LDRL`][]`()` (default), [`DRL`][]`(lam)` or [`Lee`][]`()`.
 
     `loss, grads, aux = DTP(...)(model, x, y)` gives the batch-mean cross-entropy and
     the DTP estimate of dL/dθ for the forward layers (module docstring; zeros for the
     feedback leaves). `model = DTP(...).pre_step(model, x, y, key=key)` trains the
-    feedback layers on the batch and returns the updated model.
+    feedback layers on the batch and returns the updated model. The main optimiser
+    must leave the feedback weights alone: `TrainConfig(frozen=feedback_mask)`.
 
     Args:
-        variant: feedback loss, "lee" (Lee et al. 2015), "drl" (Meulemans et al. 2020)
-            or "ldrl" (Ernoult et al. 2022).
+        variant: the feedback loss, a [`FeedbackLoss`][].
         beta: target step β > 0 (the paper uses 0.7; β → 0 compares with backprop).
-        feedback_steps: SGD steps K_n per batch for each feedback layer (int or one per
-            feedback layer G_2..G_N, bottom to top).
+        feedback_steps: optimiser steps K_n per batch for each feedback layer (int or
+            one per feedback layer G_2..G_N, bottom to top).
         noise: σ_n > 0 of the noise ε, η (scalar or one per feedback layer).
-        feedback_lr: SGD learning rate of the feedback weights (scalar or per layer).
-        drl_lambda: weight λ ≥ 0 of DRL's regulariser ‖G(s+η) − G(s)‖².
+        feedback_lr: learning rate of plain SGD on the feedback weights (scalar or per
+            layer; default 0.1), the default feedback optimiser.
+        feedback_optimizer: an optax `GradientTransformation` for the feedback weights
+            (or one per feedback layer), instead of SGD at `feedback_lr`. Its state
+            starts afresh on each batch: an estimator keeps nothing between training
+            steps but the model. Build the estimator once and reuse it: each call of
+            `optax.adam(...)` makes new functions, hence a new compilation.
         unroll: `lax.scan` unroll of the K_n feedback steps; None (default) keeps the
             loops rolled, so compile time does not grow with K_n.
     """
 
-    variant: str = eqx.field(static=True, default="ldrl")
+    variant: FeedbackLoss = eqx.field(default_factory=LDRL)
     beta: float = eqx.field(static=True, default=0.7)
     feedback_steps: int | tuple[int, ...] = eqx.field(static=True, default=1)
     noise: float | tuple[float, ...] = eqx.field(static=True, default=0.1)
-    feedback_lr: float | tuple[float, ...] = eqx.field(static=True, default=0.1)
-    drl_lambda: float = eqx.field(static=True, default=0.0)
+    feedback_lr: float | tuple[float, ...] | None = eqx.field(static=True, default=None)
+    feedback_optimizer: (
+        optax.GradientTransformation | tuple[optax.GradientTransformation, ...] | None
+    ) = eqx.field(static=True, default=None)
     unroll: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if self.variant not in _VARIANTS:
-            raise ValueError(f"DTP: variant must be one of {_VARIANTS}, got {self.variant!r}.")
+        if not isinstance(self.variant, FeedbackLoss):
+            raise TypeError(
+                "DTP: variant must be a FeedbackLoss, e.g. LDRL(), DRL(lam) or Lee(), got "
+                f"{self.variant!r}."
+            )
         check_beta("DTP", self.beta, positive=True)
-        for name, strict in (("noise", True), ("feedback_lr", False)):
-            vals = getattr(self, name)
+        lrs = () if self.feedback_lr is None else self.feedback_lr
+        for name, vals, strict in (("noise σ", self.noise, True), ("feedback_lr", lrs, False)):
             for v in vals if isinstance(vals, (tuple, list)) else (vals,):
                 if not math.isfinite(v) or (v <= 0 if strict else v < 0):
-                    what = "noise σ" if name == "noise" else name
                     rel = "> 0" if strict else ">= 0"
-                    raise ValueError(f"DTP: {what} must be finite and {rel}, got {vals}.")
+                    raise ValueError(f"DTP: {name} must be finite and {rel}, got {vals}.")
         check_steps("DTP", minimum=0, feedback_steps=self.feedback_steps)
-        if not (math.isfinite(self.drl_lambda) and self.drl_lambda >= 0):
-            raise ValueError(f"DTP: drl_lambda must be >= 0, got {self.drl_lambda}.")
+        opt = self.feedback_optimizer
+        if opt is not None:
+            if self.feedback_lr is not None:
+                raise ValueError(
+                    "DTP: give either `feedback_lr` (plain SGD) or `feedback_optimizer`, not both."
+                )
+            opts = (opt,) if isinstance(opt, optax.GradientTransformation) else opt
+            if not isinstance(opts, Sequence) or not all(
+                isinstance(o, optax.GradientTransformation) for o in opts
+            ):
+                raise TypeError(
+                    "DTP: feedback_optimizer must be an optax GradientTransformation or a "
+                    f"tuple of them (one per feedback layer), got {opt!r}."
+                )
 
     def _layer_settings(self, model: LayeredNet):
         count = len(model.feedback)
+        opt = self.feedback_optimizer
+        if opt is None:
+            lrs = 0.1 if self.feedback_lr is None else self.feedback_lr
+            opts = tuple(optax.sgd(lr) for lr in _as_tuple("feedback_lr", lrs, count, float))
+        elif isinstance(opt, optax.GradientTransformation):
+            opts = (opt,) * count
+        else:
+            opts = _as_tuple("feedback_optimizer", opt, count, lambda o: o)
         return (
             _as_tuple("feedback_steps", self.feedback_steps, count, int),
             _as_tuple("noise", self.noise, count, float),
-            _as_tuple("feedback_lr", self.feedback_lr, count, float),
+            opts,
         )
 
     def __call__(
@@ -216,7 +324,8 @@ class DTP(Estimator):
     def pre_step(
         self, model: LayeredNet, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> LayeredNet:
-        """Train the feedback layers on this batch (K_n SGD steps each); returns the model."""
+        """Train the feedback layers on this batch (K_n optimiser steps each); returns
+        the model."""
         x, y = _check_data(model, x, y, "pre_step")
         self._layer_settings(model)
         if key is None:
@@ -227,23 +336,6 @@ class DTP(Estimator):
         """Batch-mean feedback loss of each G_2..G_N (for monitoring), one noise draw."""
         x, _ = _check_data(model, x, jnp.zeros((len(x),), jnp.int32), "feedback_losses")
         return _feedback_losses(self, model, x, key)
-
-
-def _layer_loss(est: DTP, model, n, g, states, ctxs, eps, eta):
-    """Batch-mean feedback loss of G_n (given as `g`) with noise (B, ...) arrays."""
-    if est.variant == "ldrl":
-        f = model.forward[n - 1]
-        per = jax.vmap(lambda sp, s, c, e, h: ldrl_loss(f, g, sp, s, c, e, h))(
-            states[n - 1], states[n], ctxs[n - 1], eps, eta
-        )
-    elif est.variant == "lee":
-        f = model.forward[n - 1]
-        per = jax.vmap(lambda sp, c, e: lee_loss(f, g, sp, c, e))(states[n - 1], ctxs[n - 1], eps)
-    else:
-        per = jax.vmap(lambda st, cs, e, h: drl_loss(model, n, g, st, cs, e, h, est.drl_lambda))(
-            states, ctxs, eps, eta
-        )
-    return jnp.mean(per)
 
 
 def _unroll(est: DTP, k_steps: int) -> int:
@@ -263,7 +355,7 @@ def _noise(key, n, states, sigma):
 
 @eqx.filter_jit
 def _train_feedback(est: DTP, model: LayeredNet, x: Array, key: PRNGKeyArray) -> LayeredNet:
-    steps, sigmas, lrs = est._layer_settings(model)
+    steps, sigmas, opts = est._layer_settings(model)
     frozen = jax.lax.stop_gradient(model)
     states, ctxs = jax.vmap(frozen.activations)(x)
     new_feedback = list(model.feedback)
@@ -275,24 +367,28 @@ def _train_feedback(est: DTP, model: LayeredNet, x: Array, key: PRNGKeyArray) ->
     for g_idx, (k_steps, layers) in enumerate(sorted(groups.items())):
         parts = [eqx.partition(model.feedback[i], eqx.is_inexact_array) for i in layers]
         params = [part[0] for part in parts]
+        opt_states = [opts[i].init(q) for i, q in zip(layers, params, strict=True)]
 
-        def sgd(params, k, layers=layers, parts=parts):
+        def step(carry, k, layers=layers, parts=parts):
+            params, opt_states = carry
             keys = jax.random.split(k, len(layers))
-            out = []
+            new_params, new_states = [], []
             for j, i in enumerate(layers):
                 n, static = i + 2, parts[j][1]
                 eps, eta = _noise(keys[j], n, states, sigmas[i])
                 grad = jax.grad(
-                    lambda p, n=n, static=static, eps=eps, eta=eta: _layer_loss(
-                        est, frozen, n, eqx.combine(p, static), states, ctxs, eps, eta
+                    lambda p, n=n, static=static, eps=eps, eta=eta: est.variant(
+                        frozen, n, eqx.combine(p, static), states, ctxs, eps, eta
                     )
                 )(params[j])
-                out.append(jax.tree.map(lambda p, g, i=i: p - lrs[i] * g, params[j], grad))
-            return out, None
+                updates, state = opts[i].update(grad, opt_states[j], params[j])
+                new_params.append(optax.apply_updates(params[j], updates))
+                new_states.append(state)
+            return (new_params, new_states), None
 
-        params, _ = jax.lax.scan(
-            sgd,
-            params,
+        (params, _), _ = jax.lax.scan(
+            step,
+            (params, opt_states),
             jax.random.split(jax.random.fold_in(key, g_idx), k_steps),
             unroll=_unroll(est, k_steps),
         )
@@ -309,7 +405,7 @@ def _feedback_losses(est: DTP, model: LayeredNet, x: Array, key: PRNGKeyArray) -
     out = []
     for i, n in enumerate(range(2, model.num_layers + 1)):
         eps, eta = _noise(keys[i], n, states, sigmas[i])
-        out.append(_layer_loss(est, model, n, model.feedback[i], states, ctxs, eps, eta))
+        out.append(est.variant(model, n, model.feedback[i], states, ctxs, eps, eta))
     return jnp.stack(out) if out else jnp.zeros((0,))
 
 
@@ -347,11 +443,16 @@ def _estimate(model: LayeredNet, x: Array, y: Array, beta: Array):
 
 
 __all__ = [
+    "DRL",
     "DTP",
+    "LDRL",
+    "FeedbackLoss",
+    "Lee",
     "cross_entropy",
     "drl_loss",
     "dtp_gradients",
     "dtp_targets",
+    "feedback_mask",
     "ldrl_loss",
     "lee_loss",
     "local_forward_loss",

@@ -3,6 +3,7 @@
 from .base import AbstractEnergyModel, AbstractModel, AbstractVectorFieldModel
 from .conv_hopfield import ConvHopfield
 from .deq import DEQ
+from .fully_connected import FullyConnectedHopfield
 from .hopfield import HopfieldMLP
 from .layered import LayeredNet
 from .resistive import ResistiveNetwork
@@ -12,10 +13,11 @@ __all__ = [
     "AbstractEnergyModel",
     "AbstractModel",
     "AbstractVectorFieldModel",
-    "DEQ",
-    "HopfieldMLP",
-    "ResistiveNetwork",
-    "LayeredNet",
     "ConvHopfield",
+    "DEQ",
+    "FullyConnectedHopfield",
+    "HopfieldMLP",
+    "LayeredNet",
+    "ResistiveNetwork",
     "VectorFieldMLP",
 ]

@@ -15,14 +15,14 @@ declared here.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from ..equilibrium._solution import Solution
+from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver
@@ -41,7 +41,12 @@ class AbstractModel(eqx.Module):
       any tracing, by estimators and training.
     - `project()`: the model moved back into its admissible parameter set after an
       update (e.g. conductances >= 0); the default is the model itself.
+    - `readout_fields`: the fields that hold a readout outside the numbered layers;
+      per-layer learning rates count them as the layer after the last
+      ([`eqprop_jax.train.layer_indices`][]). Default: none.
     """
+
+    readout_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
     @abc.abstractmethod

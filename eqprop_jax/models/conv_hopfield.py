@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from ..equilibrium._solution import Solution
+from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver
@@ -134,7 +134,7 @@ class ConvHopfield(AbstractEnergyModel):
     r"""Convolutional EP in the discrete-time prototypical form (Ernoult et al. 2019).
 
     Layers s_1..s_L are (C, H, W) feature maps, s_0 = x, and (cost `"mse"`) an output
-    layer s_{L+1} of `n_out` units. With P the max-pool and ⋆ the convolution,
+    layer s_{L+1} of `n_outputs` units. With P the max-pool and ⋆ the convolution,
 
         Φ(x, s) = Σ_l ⟨s_{l+1}, P(W_l ⋆ s_l + b_l)⟩ + ⟨s_{L+1}, W_fc vec(s_L) + b_fc⟩,
 
@@ -177,7 +177,7 @@ class ConvHopfield(AbstractEnergyModel):
         in_shape: Sequence[int],
         channels: Sequence[int],
         kernel_sizes: Sequence[int] | int,
-        n_out: int,
+        n_outputs: int,
         *,
         paddings: Sequence[int] | int = 0,
         pools: Sequence[int] | int = 2,
@@ -225,12 +225,15 @@ class ConvHopfield(AbstractEnergyModel):
                     f"{q}x{q} pooling; use a larger input or smaller kernels."
                 )
             c, h, w = c_out, h // q, w // q
+        n_outputs = int(n_outputs)
+        if n_outputs < 1:
+            raise ValueError(f"ConvHopfield: n_outputs must be positive, got {n_outputs}.")
         fan_in = c * h * w
         bound = 1.0 / np.sqrt(fan_in)
         self.conv_weights = tuple(ws)
         self.conv_biases = tuple(bs)
-        self.fc_weight = jax.random.uniform(keys[-2], (n_out, fan_in), dtype, -bound, bound)
-        self.fc_bias = jax.random.uniform(keys[-1], (n_out,), dtype, -bound, bound)
+        self.fc_weight = jax.random.uniform(keys[-2], (n_outputs, fan_in), dtype, -bound, bound)
+        self.fc_bias = jax.random.uniform(keys[-1], (n_outputs,), dtype, -bound, bound)
         self.in_shape = in_shape
         self.paddings = paddings
         self.pools = pools
@@ -260,17 +263,17 @@ class ConvHopfield(AbstractEnergyModel):
 
     @classmethod
     def dchn(
-        cls, *, key: PRNGKeyArray, n_out: int = 10, cost="mse", update="async", dtype=None
+        cls, *, key: PRNGKeyArray, n_outputs: int = 10, cost="mse", update="async", dtype=None
     ) -> ConvHopfield:
         """The deep convolutional Hopfield network of Laborieux et al. 2021 / Scellier et
         al. 2023 on CIFAR (3x32x32): 3x3 convs 128-256-512-512 (padding 1), 2x2 max-pool
-        after each, fc 2048→`n_out`, clip(x/2, 0, 1) (paper: T 250/30 sync or 60/15
+        after each, fc 2048→`n_outputs`, clip(x/2, 0, 1) (paper: T 250/30 sync or 60/15
         async, β 0.5 MSE / 1.0 CE)."""
         return cls(
             (3, 32, 32),
             (128, 256, 512, 512),
             3,
-            n_out,
+            n_outputs,
             paddings=1,
             pools=2,
             activation="clip_half",
@@ -283,13 +286,9 @@ class ConvHopfield(AbstractEnergyModel):
     # Shapes and checks ---------------------------------------------------------------
 
     @property
-    def n_out(self) -> int:
-        return self.fc_weight.shape[0]
-
-    @property
     def n_outputs(self) -> int:
-        """Number of classes (the name every model shares; estimators check labels with it)."""
-        return self.n_out
+        """Number of classes (the size of the output layer or readout)."""
+        return self.fc_weight.shape[0]
 
     @property
     def layer_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -301,7 +300,7 @@ class ConvHopfield(AbstractEnergyModel):
             h, w = (h + 2 * p - k + 1) // q, (w + 2 * p - k + 1) // q
             shapes.append((c_out, h, w))
         if self.cost_type == "mse":
-            shapes.append((self.n_out,))
+            shapes.append((self.n_outputs,))
         return tuple(shapes)
 
     def _check_x(self, x: Array) -> None:
@@ -319,14 +318,14 @@ class ConvHopfield(AbstractEnergyModel):
             x,
             y,
             tuple(self.in_shape),
-            self.n_out,
+            self.n_outputs,
             batched=batched,
             shape_hint=" (C, H, W)",
         )
 
     def _target(self, y: Array, dtype) -> Array:
         if jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            return jax.nn.one_hot(y, self.n_out, dtype=dtype)
+            return jax.nn.one_hot(y, self.n_outputs, dtype=dtype)
         return jnp.asarray(y).astype(dtype)
 
     # AbstractEnergyModel ---------------------------------------------------------------------

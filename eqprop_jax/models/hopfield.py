@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -36,10 +36,6 @@ def holomorphic_grad(f, z: Array) -> Array:
 def _derivative(fn, z: Array) -> Array:
     """Elementwise fn'(z) by forward mode (complex-safe for holomorphic fn)."""
     return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
-
-
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
 
 
 class HopfieldMLP(AbstractEnergyModel):
@@ -95,6 +91,7 @@ class HopfieldMLP(AbstractEnergyModel):
     weights: tuple[Array, ...]
     biases: tuple[Array, ...]
     readout: tuple[Array, Array] | None
+    readout_fields: ClassVar[tuple[str, ...]] = ("readout",)
     sizes: tuple[int, ...] = eqx.field(static=True)
     dynamics: str = eqx.field(static=True)
     activation: str = eqx.field(static=True)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._checks import check_classifier_input
 from ._conv import conv2d
 from .base import AbstractModel
 
@@ -225,8 +226,20 @@ class LayeredNet(AbstractModel):
 
     @property
     def n_outputs(self) -> int:
-        """Number of classes (the name every model shares; estimators check labels with it)."""
+        """Number of classes (the size of the logits s_N)."""
         return self.shapes[-1][0]
+
+    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
+        """Raise a clear error if `x` or `y` cannot be fed to this net (input shape and
+        dtype, NaN, label range or target shape); estimators call it eagerly."""
+        check_classifier_input(
+            "LayeredNet",
+            x,
+            y,
+            tuple(self.input_shape),
+            self.n_outputs,
+            batched=batched,
+        )
 
     def activations(self, x: Array) -> tuple[list[Array], list[Any]]:
         """Forward pass of one example: ([s_0, ..., s_N], [ctx_1, ..., ctx_N])."""
@@ -285,7 +298,7 @@ class LayeredNet(AbstractModel):
         input_shape: tuple[int, int, int],
         channels: Sequence[int],
         hidden: Sequence[int],
-        num_classes: int,
+        n_outputs: int,
         *,
         key: PRNGKeyArray,
         activation: Callable = jax.nn.elu,
@@ -312,7 +325,7 @@ class LayeredNet(AbstractModel):
                 v = _uniform(keys[nconv + nd + i], (cin, c, 3, 3), c * 9, dtype)
                 fb.append(ConvFeedback(v, jnp.zeros((cin,), dtype), activation))
             shape = fwd[-1].out_shape(shape)
-        sizes = [math.prod(shape), *[int(h) for h in hidden], int(num_classes)]
+        sizes = [math.prod(shape), *[int(h) for h in hidden], int(n_outputs)]
         for j in range(nd):
             i = nconv + j
             act = activation if j < nd - 1 else _identity
@@ -340,11 +353,11 @@ class LayeredNet(AbstractModel):
         input_shape: tuple[int, int, int] = (1, 28, 28),
         channels: Sequence[int] = (16, 32),
         hidden: Sequence[int] = (128,),
-        num_classes: int = 10,
+        n_outputs: int = 10,
         dtype=None,
     ) -> LayeredNet:
         """LeNet-sized net for MNIST: 2 conv blocks (16, 32 channels), dense 128, 10 logits."""
-        return cls.convnet(input_shape, channels, hidden, num_classes, key=key, dtype=dtype)
+        return cls.convnet(input_shape, channels, hidden, n_outputs, key=key, dtype=dtype)
 
     @classmethod
     def simple_vgg(
@@ -353,11 +366,11 @@ class LayeredNet(AbstractModel):
         key: PRNGKeyArray,
         input_shape: tuple[int, int, int] = (3, 32, 32),
         channels: Sequence[int] = (128, 128, 256, 256, 512),
-        num_classes: int = 10,
+        n_outputs: int = 10,
         dtype=None,
     ) -> LayeredNet:
         """The paper's SimpleVGG (CIFAR-10): 5 conv3x3-ELU-maxpool blocks, linear 512 -> 10."""
-        return cls.convnet(input_shape, channels, (), num_classes, key=key, dtype=dtype)
+        return cls.convnet(input_shape, channels, (), n_outputs, key=key, dtype=dtype)
 
 
 __all__ = [

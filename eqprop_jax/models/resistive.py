@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from ..equilibrium._solution import Solution
+from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.solvers.base import AbstractSolver
+from ._checks import check_classifier_input
 from .base import AbstractEnergyModel
 
 Interval = tuple[float, float]
@@ -282,13 +283,16 @@ class ResistiveNetwork(AbstractEnergyModel):
         return (2 * s[0], *s[1:-1], 2 * s[-1])
 
     @property
-    def num_classes(self) -> int:
+    def n_outputs(self) -> int:
+        """Number of classes (the output layer has two nodes per class)."""
         return self.layer_sizes[-1]
 
     @property
-    def n_outputs(self) -> int:
-        """Number of classes (the name every model shares; estimators check labels with it)."""
-        return self.num_classes
+    def holomorphic(self) -> bool:
+        """True for a linear network (`diodes=False`, unbounded outputs): the power and
+        the coordinate sweep are then polynomials and rational maps of (V, β), so
+        complex nudges (holomorphic EP) are valid. Diode clipping has no complex form."""
+        return not any(self._bounded(k) for k in range(len(self.weights)))
 
     def bounds(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """Per free layer, the (lower, upper) voltage bounds the diodes impose."""
@@ -311,7 +315,7 @@ class ResistiveNetwork(AbstractEnergyModel):
 
     def output_node_name(self, j: int) -> str:
         """'output node j (class k, + side)': which class pair, and which half, node j is."""
-        k = self.num_classes
+        k = self.n_outputs
         side = "+" if j < k else "−"
         return f"output node {j} (class {j % k}, {side} side)"
 
@@ -400,7 +404,7 @@ class ResistiveNetwork(AbstractEnergyModel):
     def targets(self, y: Array) -> Float[Array, " 2*n_classes"]:
         """Target voltages T = (+y/2, −y/2)·v_t; `y` is one-hot (or soft), or an int label."""
         y = jnp.asarray(y)
-        k = self.num_classes
+        k = self.n_outputs
         if y.ndim == 0 and jnp.issubdtype(y.dtype, jnp.integer):
             y = jax.nn.one_hot(y, k)
         if y.shape != (k,):
@@ -419,16 +423,20 @@ class ResistiveNetwork(AbstractEnergyModel):
                 f"got shape {jnp.shape(x)}. Estimators vmap over the batch axis."
             )
 
-    def check_input(self, x: Array, y: Array) -> None:
-        """Eager checks on a batch (estimators call this before tracing): width and NaN."""
+    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
+        """Raise a clear error if `x` or `y` cannot be fed to this network: input width
+        and dtype, NaN/inf voltages, label range or target shape (estimators call it
+        eagerly, before tracing)."""
         n_in = self.layer_sizes[0]
-        if jnp.ndim(x) != 2 or jnp.shape(x)[1] != n_in:
-            raise ValueError(
-                f"ResistiveNetwork: input width must be {n_in} (a batch of shape (n, {n_in})); "
-                f"got shape {jnp.shape(x)}."
-            )
-        if not _is_tracer(x) and not np.all(np.isfinite(np.asarray(x))):
-            raise ValueError("ResistiveNetwork: the input x holds NaN or inf voltages.")
+        check_classifier_input(
+            "ResistiveNetwork",
+            x,
+            y,
+            (n_in,),
+            self.n_outputs,
+            batched=batched,
+            shape_hint=f" (n_in = {n_in} input features; the input layer has {2 * n_in} nodes)",
+        )
 
     def check_state(self, s: Sequence[Array]) -> None:
         """Raise if `s` has the wrong layer shapes, or (eagerly) holds NaN/inf voltages."""
@@ -467,7 +475,7 @@ class ResistiveNetwork(AbstractEnergyModel):
 
     def predict(self, s: Sequence[Array]) -> Array:
         """Class scores o_k = V_{k+} − V_{k−}."""
-        k = self.num_classes
+        k = self.n_outputs
         return s[-1][:k] - s[-1][k:]
 
     # ---------------------------------------------------------------- dynamics

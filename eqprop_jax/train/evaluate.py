@@ -10,19 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..equilibrium._ragged import batch_compaction
+from ..equilibrium import batch_compaction
+from ..models.base import AbstractEnergyModel, AbstractModel
 from .progress import Progress
 from .sharding import shard_batch
 
 
 def _predict_one(model, x, y, solver):
-    """Class scores and loss of one example at the model's free equilibrium."""
-    relax = getattr(model, "relax", None)
-    if relax is None:
+    """Class scores and loss of one example: at the free equilibrium of an energy
+    model, else the logits `model(x)` of a feedforward net and their cross-entropy."""
+    if not isinstance(model, AbstractEnergyModel):
         logits = model(x)
         logp = jax.nn.log_softmax(logits)
         return logits, -logp[y]
-    sol = relax(x, y, 0.0) if solver is None else relax(x, y, 0.0, solver=solver)
+    sol = model.relax(x, y, 0.0) if solver is None else model.relax(x, y, 0.0, solver=solver)
     return model.predict(sol.value), model.loss(sol.value, y)
 
 
@@ -43,7 +44,7 @@ def _eval_batch(model, x, y, mask, solver, compaction: bool):
 
 
 def evaluate(
-    model: Any,
+    model: AbstractModel,
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -53,8 +54,8 @@ def evaluate(
     progress: bool | None = None,
 ) -> dict[str, float]:
     """Accuracy, mean loss and the fraction of non-finite predictions over (x, y),
-    each example relaxed by the model itself (`model.relax(x, y, beta=0)` then
-    `predict`; plain `model(x)` for feedforward nets).
+    each example relaxed by the model itself (an energy model: `model.relax(x, y,
+    beta=0)` then `predict`; any other model: the logits `model(x)`).
 
     Batches have one static shape (the last one is padded and masked), so this
     compiles once. A non-finite prediction counts as wrong and makes the loss NaN.

@@ -21,6 +21,8 @@ from jaxtyping import Array, PyTree
 
 from ..data import Dataset
 from ..data.batching import batch_indices, epoch_order, steps_per_epoch
+from ..estimators.base import Estimator
+from ..models.base import AbstractModel
 from . import distributed
 from .checkpoint import CHECKPOINT, Checkpointer, model_fingerprint
 from .config import TrainConfig
@@ -125,7 +127,12 @@ def _prepare(model, estimator, data, cfg, optimizer, log) -> tuple[_Run, TrainSt
                 "give the optimiser either as `optimizer` or as TrainConfig settings, not both: "
                 f"TrainConfig sets {', '.join(cfg.changed_optimizer_fields())}."
             )
-    if not callable(getattr(estimator, "pre_step", None)) or not callable(estimator):
+    if not isinstance(model, AbstractModel):
+        raise TypeError(
+            "model must be an eqprop_jax model (a subclass of eqprop_jax.AbstractModel, which "
+            f"declares n_outputs, check_input and project), got {type(model).__name__}."
+        )
+    if not isinstance(estimator, Estimator):
         raise TypeError(
             f"estimator must be an eqprop_jax Estimator, got {type(estimator).__name__}."
         )
@@ -183,21 +190,19 @@ def _check_model(model, data: Dataset, cfg: TrainConfig) -> None:
     for path, a in jtu.tree_leaves_with_path(eqx.filter(model, eqx.is_inexact_array)):
         if not bool(jnp.all(jnp.isfinite(a))):
             raise ValueError(f"the model's array {jtu.keystr(path)} holds NaN or inf values.")
-    n_out = getattr(model, "n_outputs", None)
-    if isinstance(n_out, int) and data.num_classes > n_out:
+    if data.num_classes > model.n_outputs:
         raise ValueError(
-            f"{data.name} has {data.num_classes} classes but the model has {n_out} outputs."
+            f"{data.name} has {data.num_classes} classes but the model has "
+            f"{model.n_outputs} outputs."
         )
-    check = getattr(model, "check_input", None)
-    if callable(check):
-        check(
-            jnp.asarray(data.x_train[: cfg.batch_size]), jnp.asarray(data.y_train[: cfg.batch_size])
-        )
+    model.check_input(
+        jnp.asarray(data.x_train[: cfg.batch_size]), jnp.asarray(data.y_train[: cfg.batch_size])
+    )
 
 
 def fit(
-    model: Any,
-    estimator: Any,
+    model: AbstractModel,
+    estimator: Estimator,
     data: Dataset,
     config: TrainConfig | None = None,
     *,

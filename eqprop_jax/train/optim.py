@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import equinox as eqx
 import jax.tree_util as jtu
 import optax
 from jaxtyping import PyTree
 
-# Fields read as the layer after the last indexed one (a readout outside the dynamics).
-READOUT_FIELDS = ("readout", "head", "classifier", "output_layer")
+from ..models.base import AbstractModel
+
+# A regular expression on leaf paths, or a function of the parameters giving a
+# boolean per leaf (e.g. `eqprop_jax.estimators.dtp.feedback_mask`).
+Frozen = str | Callable[[PyTree], PyTree[bool]] | None
 
 
 def _field_and_index(path) -> tuple[str, int | None]:
@@ -31,17 +34,18 @@ def layer_indices(params: PyTree) -> PyTree[int]:
     """The layer number of every array leaf of `params` (a filtered model).
 
     A leaf's layer is the first sequence index after its top-level field
-    (`.weights[2]`, `.biases[2]`, `.forward[2].weight` -> 2). Leaves under a readout
-    field (`readout`, `head`, ...) or under no indexed field come after the last
-    indexed layer.
+    (`.weights[2]`, `.biases[2]`, `.forward[2].weight` -> 2). Leaves under one of the
+    model's declared `readout_fields` (see [`eqprop_jax.AbstractModel`][]) or under no
+    indexed field come after the last indexed layer.
     """
+    readout = params.readout_fields if isinstance(params, AbstractModel) else ()
     leaves = jtu.tree_leaves_with_path(params)
     found = [_field_and_index(p) for p, _ in leaves]
-    top = max((i for name, i in found if i is not None and name not in READOUT_FIELDS), default=-1)
+    top = max((i for name, i in found if i is not None and name not in readout), default=-1)
 
     def index(path, _):
         name, i = _field_and_index(path)
-        return top + 1 if (i is None or name in READOUT_FIELDS) else i
+        return top + 1 if (i is None or name in readout) else i
 
     return jtu.tree_map_with_path(index, params)
 
@@ -101,11 +105,14 @@ def check_optimizer_settings(
         if isinstance(v, bool) or not isinstance(v, int | float) or not (0 <= v < hi):
             bound = "[0, 1)" if hi == 1.0 else "a finite number >= 0"
             raise ValueError(f"{who}{name} must lie in {bound}, got {v!r}.")
-    if frozen is not None:
+    if frozen is not None and not callable(frozen):
         try:
             re.compile(frozen)
         except (re.error, TypeError) as e:
-            raise ValueError(f"{who}frozen must be a regular expression, got {frozen!r}.") from e
+            raise ValueError(
+                f"{who}frozen must be a regular expression or a function of the parameters "
+                f"giving a boolean per leaf, got {frozen!r}."
+            ) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +132,7 @@ class OptimizerSettings:
     schedule: str = "constant"
     total_steps: int | None = None
     warmup_steps: int = 0
-    frozen: str | None = None
+    frozen: Frozen = None
 
     @classmethod
     def of(cls, lr, **kw) -> OptimizerSettings:
@@ -168,7 +175,7 @@ def make_optimizer(
     schedule: str = "constant",
     total_steps: int | None = None,
     warmup_steps: int = 0,
-    frozen: str | None = None,
+    frozen: Frozen = None,
 ) -> optax.GradientTransformation:
     r"""An optax transformation with one learning rate per layer.
 
@@ -184,7 +191,10 @@ def make_optimizer(
             decay is scaled by each layer's rate, as in SGD with weight decay.
         schedule: "constant" or "cosine" (cosine decay to 0 over `total_steps`, after
             `warmup_steps` of linear warm-up).
-        frozen: a regular expression; leaves whose path matches get no update.
+        frozen: leaves that get no update: a regular expression on the leaf path, or
+            a function `params -> PyTree[bool]` (True: frozen), e.g.
+            [`eqprop_jax.estimators.dtp.feedback_mask`][] for the weights DTP trains
+            itself.
     """
     check_learning_rate(lr)
     check_optimizer_settings(
@@ -226,15 +236,18 @@ def make_optimizer(
         def rate_of(path, layer):
             return float(lr)
 
-    frozen_re = re.compile(frozen) if frozen else None
+    if callable(frozen):
+        is_frozen = frozen(params)
+    else:
+        frozen_re = re.compile(frozen) if frozen else None
+        is_frozen = jtu.tree_map(
+            lambda path: frozen_re is not None and bool(frozen_re.search(path)), paths
+        )
     labels = jtu.tree_map(
-        lambda path, layer: (
-            "frozen"
-            if frozen_re is not None and frozen_re.search(path)
-            else repr(rate_of(path, layer))
-        ),
+        lambda path, layer, off: "frozen" if off else repr(rate_of(path, layer)),
         paths,
         layer_indices(params),
+        is_frozen,
     )
     transforms = {"frozen": optax.set_to_zero()}
     for label in set(jtu.tree_leaves(labels)) - {"frozen"}:

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Int
 
-from ..equilibrium._solution import Result
+from ..equilibrium import Result
 
 N_STATUSES = len(Result.names)
 

@@ -13,7 +13,7 @@ import optax
 from jaxtyping import Array, PyTree
 
 from ..data.batching import random_crop_flip
-from ..equilibrium._ragged import batch_compaction
+from ..equilibrium import batch_compaction
 from .optim import OptimizerSettings
 from .statuses import count_statuses
 
@@ -30,15 +30,6 @@ def _all_finite(tree) -> Array:
         jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
     ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _project(model):
-    """Keep a model in its admissible set after an update (e.g. conductances >= 0)."""
-    for name in ("project", "clip_conductances"):
-        fn = getattr(model, name, None)
-        if callable(fn):
-            return fn()
-    return model
 
 
 def _fill_missing(grads: PyTree, params: PyTree) -> PyTree:
@@ -79,7 +70,7 @@ def _train_step_body(spec: _StepSpec, model, opt_state, counts, x, y, key):
     grads = _fill_missing(grads, params)
     tx = spec.tx(params) if isinstance(spec.tx, OptimizerSettings) else spec.tx
     updates, new_opt = tx.update(grads, opt_state, params)
-    candidate = _project(eqx.apply_updates(new, updates))
+    candidate = eqx.apply_updates(new, updates).project()
     # The state after the update is checked, not only the one before: an update that
     # overflows is refused like a NaN loss.
     flag = jnp.select(

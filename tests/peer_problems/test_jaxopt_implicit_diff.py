@@ -60,8 +60,8 @@ def exact_jacobian():
 
 IMPLICIT = {
     "implicit": eqp.Implicit(),
-    "implicit_gmres": eqp.Implicit(method="gmres"),
-    "implicit_normal_cg": eqp.Implicit(method="normal_cg"),
+    "implicit_gmres": eqp.Implicit(eqp.GMRES()),
+    "implicit_normal_cg": eqp.Implicit(eqp.NormalCG()),
 }
 ITERATIVE = {"almeida_pineda": eqp.AlmeidaPineda(), "neumann": eqp.Neumann(10)}
 ADJOINTS = {**IMPLICIT, **ITERATIVE}

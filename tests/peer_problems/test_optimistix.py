@@ -44,8 +44,8 @@ ROOT_FINDERS = ("newton", "chord")  # optimistix's `_root_finders`
 NEUMANN_K = 10
 ADJOINTS = {
     "implicit": eqp.Implicit(),
-    "implicit_gmres": eqp.Implicit(method="gmres"),
-    "implicit_normal_cg": eqp.Implicit(method="normal_cg"),
+    "implicit_gmres": eqp.Implicit(eqp.GMRES()),
+    "implicit_normal_cg": eqp.Implicit(eqp.NormalCG()),
     "almeida_pineda": eqp.AlmeidaPineda(),
     "neumann": eqp.Neumann(NEUMANN_K),
     "unrolled_forward": eqp.Unrolled(mode="forward"),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from ... import _checks
+from .._ragged import BATCH_BUCKETS
 
 FlatFn = Callable[[Array], Array]
 
@@ -45,7 +46,10 @@ class AbstractSolver(eqx.Module):
     used (each compiles one copy of f and the update); 1 steps the whole batch in
     lockstep until the slowest example stops, as `lax.while_loop` does. Fixed-step
     solves are not compacted (an example stops early only when f(z) = z holds
-    exactly).
+    exactly). This is the one place the setting is declared: the implicit adjoints'
+    backward solves use the forward solver's `batch_buckets` too, and
+    [`eqprop_jax.batch_compaction`][]`(False)` overrides every one of them to 1 for
+    the code traced inside it.
 
     Settings are validated when the solver is built: tolerances must be finite,
     non-negative Python numbers (they are static: they fix the compiled program).
@@ -58,7 +62,7 @@ class AbstractSolver(eqx.Module):
     rtol: float | None = None
     max_steps: int = 1000
     divergence: float = 1e8
-    batch_buckets: int = 4
+    batch_buckets: int = BATCH_BUCKETS
 
     def __check_init__(self):
         who = type(self).__name__
