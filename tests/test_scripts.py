@@ -65,21 +65,8 @@ def test_ep_mnist_p1h_smoke(monkeypatch, tmp_path):
     out = tmp_path / "ep.md"
     with jax.enable_x64(False):
         results = script.main(
-            [
-                "--smoke",
-                "--epochs",
-                "2",
-                "--hidden",
-                "8",
-                "--free",
-                "4",
-                "--nudged",
-                "2",
-                "--batch",
-                "10",
-                "--out",
-                str(out),
-            ]
+            "--smoke --epochs 2 --hidden 8 --free 4 --nudged 2 --batch 10 --out".split()
+            + [str(out)]
         )
     assert set(results) == {"ep", "bptt"}
     for rows in results.values():
@@ -93,12 +80,10 @@ def test_ep_mnist_p1h_smoke(monkeypatch, tmp_path):
 def test_drn_mnist_smoke(monkeypatch):
     script = load_source("scripts", "drn_mnist", monkeypatch)
     with jax.enable_x64(False):
-        rows = script.main(
-            ["--smoke", "--epochs", "2", "--train-size", "16", "--test-size", "8", "--hidden", "16"]
-        )
+        rows = script.main("--smoke --epochs 2 --train-size 16 --test-size 8 --hidden 16".split())
     assert [r[0] for r in rows] == [1, 2]
     assert all(np.isfinite(r[2]) for r in rows)
-    # The authors' decay: lr · 0.99^epoch, one stair per epoch of 4 steps.
+    # The authors' decay, lr · decay^epoch: one stair per epoch of 4 steps.
     tx = script.decayed_sgd(1.0, 0.5, 4)
     state = tx.init(np.zeros(1))
     steps = []
@@ -113,23 +98,9 @@ def test_dtp_mnist_smoke(monkeypatch, tmp_path):
     out = tmp_path / "dtp.md"
     with jax.enable_x64(False):
         rows = script.main(
-            [
-                "--smoke",
-                "--arch",
-                "mlp",
-                "--epochs",
-                "1",
-                "--batch",
-                "8",
-                "--train-size",
-                "16",
-                "--test-size",
-                "8",
-                "--fb-steps",
-                "1",
-                "--out",
-                str(out),
-            ]
+            "--smoke --arch mlp --epochs 1 --batch 8 --train-size 16 --test-size 8 --fb-steps 1"
+            " --out".split()
+            + [str(out)]
         )
     assert [(a, m) for a, m, _ in rows] == [("mlp", "ldrl"), ("mlp", "bp")]
     ldrl = rows[0][2][-1]
