@@ -57,8 +57,12 @@ def train(name, estimator, model, data, args, log):
         return {}
 
     budget = None if args.budget_min is None else 60 * args.budget_min
+    def budget_note(line):  # fit's own lines would break the table
+        if line.startswith("stopped after"):
+            log(f"({line})")
+
     _, rows = fit_by_epoch(
-        model, estimator, data, cfg, after_epoch=row, budget_s=budget, log=lambda _: None
+        model, estimator, data, cfg, after_epoch=row, budget_s=budget, log=budget_note
     )
     return rows
 
