@@ -57,6 +57,7 @@ def train(name, estimator, model, data, args, log):
         return {}
 
     budget = None if args.budget_min is None else 60 * args.budget_min
+
     def budget_note(line):  # fit's own lines would break the table
         if line.startswith("stopped after"):
             log(f"({line})")
