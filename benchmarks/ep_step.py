@@ -8,6 +8,7 @@ time. The steady-state throughput is compared with the machine's float32 matmul 
 measured in the same run (a jitted 1024 x 1024 matmul, median wall time).
 
     python benchmarks/ep_step.py [--repeats 20] [--batch 50] [--free 30] [--nudged 10]
+    python benchmarks/ep_step.py --quick    # seconds: 5 rounds, T 10/4
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def main(argv=None):
     p.add_argument("--free", type=int, default=30)
     p.add_argument("--nudged", type=int, default=10)
     p.add_argument("--update", default="sync", choices=["sync", "async"])
+    p.add_argument("--quick", action="store_true", help="5 rounds, T 10/4 (seconds)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.free, args.nudged = 5, 10, 4
 
     sizes = (784, 512, 10)
     model = eqp.HopfieldMLP(

@@ -12,6 +12,7 @@ first MNIST test images (random inputs if the data is absent), this measures
   `--repeats` calls after one warm-up call, each ended by `block_until_ready`).
 
     python benchmarks/resistive.py --hidden 100 1024 4096 32768 --batch 4 64
+    python benchmarks/resistive.py --quick     # H 100 and 1024, batch 4
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=1e-4, help="volts, on max |ΔV| per sweep")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--input-gain", type=float, default=48.0)
+    p.add_argument("--quick", action="store_true", help="H = 100 and 1024, batch 4, 3 repeats")
     args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.batch, args.repeats = [100, 1024], [4], 3
 
     info = machine_info()
     print(
