@@ -266,8 +266,7 @@ SHARDED = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, equinox as eqx
     jax.config.update("jax_enable_x64", True)
-    from eqprop_jax.models.base import AbstractModel
-from eqprop_jax.models.hopfield import HopfieldMLP
+    from eqprop_jax.models.hopfield import HopfieldMLP
     from eqprop_jax.estimators import EquilibriumProp
     from eqprop_jax.data import epoch_order, load_digits
     from eqprop_jax.train import TrainConfig, fit, batch_mesh, replicate, shard_batch
