@@ -64,6 +64,12 @@ CASES = {
         2,
     ),
     "continual-ep": (lambda: eqp.ContinualEP(0.1, 0.01, **SHORT), _hopfield, (4,), 1),
+    "contrastive-hebbian": (
+        lambda: eqp.ContrastiveHebbian(free_steps=8, clamped_steps=4),
+        _hopfield,
+        (4,),
+        1,
+    ),
     "vector-field-ep": (
         lambda: eqp.VectorFieldEP(0.1, variant="centered", **SHORT),
         lambda: eqp.VectorFieldMLP((4, 5, 3), key=KEY),
@@ -139,6 +145,10 @@ def test_every_phase_status_reaches_aux_and_labels_are_checked_under_jit(name):
             assert jnp.array_equal(results[:, 1:], aux["nudged_result"])
         # the default phases run a fixed number of steps (RBP's solve has a tolerance)
         want = Result.converged if name == "rbp" else Result.max_steps
+        if name == "contrastive-hebbian":
+            # One hidden layer between clamped ends: a step lands exactly on the clamped
+            # equilibrium s₁ = W₀x + W₁ᵀt + b₁, so even a tol = 0 phase sees residual 0.
+            want = jnp.array([Result.max_steps, Result.converged])
         assert bool(jnp.all(results == want)), results
     # labels are checked against model.n_outputs: at run time under jit, else at once
     for bad in (model.n_outputs, -1):

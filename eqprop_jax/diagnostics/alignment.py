@@ -97,9 +97,39 @@ def gradient_alignment(estimate: PyTree, reference: PyTree) -> AlignmentReport:
     return AlignmentReport(per_leaf, overall)
 
 
+def per_step_alignment(estimate: PyTree, reference: PyTree) -> list[Alignment]:
+    """The overall [`Alignment`][] at each step t of two pytrees whose leaves share a
+    leading step axis (the step-by-step traces: EP's increments against BPTT's or
+    recurrent backprop's)."""
+    steps = jtu.tree_leaves(estimate)[0].shape[0]
+
+    def at(tree, t):
+        return jtu.tree_map(lambda a: a[t], tree)
+
+    return [gradient_alignment(at(estimate, t), at(reference, t)).overall for t in range(steps)]
+
+
+def per_step_summary(state: list[Alignment], param: list[Alignment]) -> dict[str, np.ndarray]:
+    """Per-step relative errors and sign agreements of the state and parameter
+    alignments of a step-by-step trace, as arrays over the steps."""
+    return {
+        "state_rel_error": np.array([a.rel_error for a in state]),
+        "state_sign": np.array([a.sign_agreement for a in state]),
+        "param_rel_error": np.array([a.rel_error for a in param]),
+        "param_sign": np.array([a.sign_agreement for a in param]),
+    }
+
+
 def angle(a, b) -> float:
     """Angle in degrees between two arrays (or pytrees), as `gradient_alignment` computes it."""
     return gradient_alignment(a, b).overall.angle
 
 
-__all__ = ["Alignment", "AlignmentReport", "angle", "gradient_alignment"]
+__all__ = [
+    "Alignment",
+    "AlignmentReport",
+    "angle",
+    "gradient_alignment",
+    "per_step_alignment",
+    "per_step_summary",
+]

@@ -2,42 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
-from ..estimators._batch import check_batch
-from .alignment import Alignment, gradient_alignment
+from ..equilibrium import AbstractSolver
+from ..estimators.checks import check_batch, check_beta, check_steps
+from ..estimators.phases import batched_step, energy_grads, phase_solver, relax_free, trajectory
+from ..models.base import AbstractEnergyModel
+from .alignment import Alignment, per_step_alignment, per_step_summary
 
 
-def state_step_size(model) -> float:
-    """ε with which `model.step` is s ← ∂Φ'/∂s for Φ' = ½‖s‖² − εF (gradient dynamics),
-    1 for prototypical maps s ← σ(∂Φ/∂s), ConvHopfield included."""
-    if getattr(model, "dynamics", "gradient") == "gradient":
-        return float(getattr(model, "step_size", 1.0))
-    return 1.0
+def state_step_size(model: AbstractEnergyModel) -> float:
+    """ε with which `model.step` is s ← ∂Φ'/∂s for Φ' = ½‖s‖² − εF: the model's
+    `flow_step_size` for gradient-flow dynamics, 1 for discrete-time maps
+    s ← σ(∂Φ/∂s) and other steps (`flow_step_size` None)."""
+    eps = model.flow_step_size
+    return 1.0 if eps is None else float(eps)
 
 
-def _stack_align(est: PyTree, ref: PyTree, n: int) -> list[Alignment]:
-    def at(tree, t):
-        return jax.tree_util.tree_map(lambda a: a[t], tree)
+def free_state(model: AbstractEnergyModel, x: Array, y: Array, beta: Any, solver: AbstractSolver):
+    """The batched free equilibrium s⁰ (held constant) and β in the state's dtype: the
+    first phase of the step-by-step traces."""
+    s0 = lax.stop_gradient(relax_free(model, x, y, solver).value)
+    return s0, jnp.asarray(beta, jax.tree_util.tree_leaves(s0)[0].dtype)
 
-    return [gradient_alignment(at(est, t), at(ref, t)).overall for t in range(n)]
 
-
-def per_step_summary(state: list[Alignment], param: list[Alignment]) -> dict[str, np.ndarray]:
-    """Per-step relative errors and sign agreements of two alignment sequences."""
-    return {
-        "state_rel_error": np.array([a.rel_error for a in state]),
-        "state_sign": np.array([a.sign_agreement for a in state]),
-        "param_rel_error": np.array([a.rel_error for a in param]),
-        "param_sign": np.array([a.sign_agreement for a in param]),
-    }
+def check_trace(who: str, model, x, y, beta, free_steps, nudged_steps) -> None:
+    """The eager checks of a step-by-step trace: the batch, β and the step counts."""
+    check_batch(who, model, x, y)
+    check_beta(who, beta)
+    check_steps(who, free_steps=free_steps, nudged_steps=nudged_steps)
 
 
 class GDUTrace(eqx.Module):
@@ -67,51 +66,30 @@ class GDUTrace(eqx.Module):
     def state_alignment(self) -> list[Alignment]:
         """Per step t: ΔEP_s(β, t) compared with −∇_s(t) (cosine, rel. error, sign, ...)."""
         neg = jax.tree_util.tree_map(jnp.negative, self.bptt_state)
-        return _stack_align(self.ep_state, neg, self.steps)
+        return per_step_alignment(self.ep_state, neg)
 
     def param_alignment(self) -> list[Alignment]:
         """Per step t: ΔEP_θ(β, t) compared with −∇_θ(t)."""
         neg = jax.tree_util.tree_map(jnp.negative, self.bptt_param)
-        return _stack_align(self.ep_param, neg, self.steps)
+        return per_step_alignment(self.ep_param, neg)
 
-    def summary(self) -> dict[str, np.ndarray]:
+    def summary(self) -> dict[str, Any]:
         """Per-step relative errors and sign agreements as arrays of length K."""
         return per_step_summary(self.state_alignment(), self.param_alignment())
 
 
-def free_equilibrium(model, x, y, beta, free_solver):
-    """The batched free equilibrium s* (no gradient), β in the state's dtype, and that dtype.
-
-    The first phase shared by the step-by-step traces.
-    """
-    free = jax.vmap(lambda xi, yi: model.relax(xi, yi, 0.0, solver=free_solver))(x, y)
-    s_star = lax.stop_gradient(free.value)
-    dtype = jax.tree_util.tree_leaves(s_star)[0].dtype
-    return s_star, jnp.asarray(beta, dtype), dtype
-
-
 @eqx.filter_jit
 def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
-    s_star, beta, dtype = free_equilibrium(model, x, y, beta, free_solver)
+    s_star, beta = free_state(model, x, y, beta, free_solver)
+    zero = jnp.zeros((), beta.dtype)
     n = x.shape[0]
     params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def batch_step(m, s, b):
-        return jax.vmap(lambda si, xi, yi: m.step(si, xi, yi, b))(s, x, y)
-
-    def ep_body(s, _):
-        s_new = batch_step(model, s, beta)
-        return s_new, (s, s_new)
-
-    _, (prev, nxt) = lax.scan(ep_body, s_star, length=nudged_steps)
+    prev, nxt = trajectory(model, x, y, s_star, beta, nudged_steps)
     ep_state = jax.tree_util.tree_map(lambda a, b: (b - a) / (beta * eps), prev, nxt)
 
     def d_energy(s):
-        def mean_e(p):
-            m = eqx.combine(p, static)
-            return jnp.mean(jax.vmap(m.energy)(s, x))
-
-        return jax.grad(mean_e)(params)
+        # ∂E/∂θ: F at β = 0.
+        return energy_grads(params, static, s, x, y, zero)
 
     ep_param = jax.vmap(
         lambda a, b: jax.tree_util.tree_map(lambda u, v: -(v - u) / beta, d_energy(a), d_energy(b))
@@ -125,7 +103,7 @@ def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
             d, e = inp
             m = eqx.combine(jax.tree_util.tree_map(jnp.add, params, d), static)
             s = jax.tree_util.tree_map(jnp.add, s, e)
-            return batch_step(m, s, jnp.zeros((), dtype)), None
+            return batched_step(m, s, x, y, zero), None
 
         head = jax.tree_util.tree_map(lambda e: e[:-1], offsets)
         s, _ = lax.scan(body, s_star, (deltas, head))
@@ -143,7 +121,7 @@ def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
 
 
 def gdu_trace(
-    model,
+    model: AbstractEnergyModel,
     x: Array,
     y: Array,
     beta: float,
@@ -167,11 +145,12 @@ def gdu_trace(
     With E = −Φ the weight increment is −ΔE_θ/β. The theorem is exact when `step` is
     the gradient of a scalar: for gradient-flow models s ← s − ε∂F/∂s
     (Φ' = ½‖s‖² − εF) the state increments are divided by ε (`step_size`, read from
-    the model by default); for prototypical maps s ← σ(∂Φ/∂s) it holds with a
+    the model's `flow_step_size` by default); for prototypical maps s ← σ(∂Φ/∂s) it holds with a
     linear σ and approximately otherwise.
 
     Args:
-        model: an energy model (e.g. `HopfieldMLP`, `ConvHopfield`).
+        model: an [`eqprop_jax.AbstractEnergyModel`][] (e.g. `HopfieldMLP`,
+            `ConvHopfield`).
         x, y: a batch (leading axis).
         beta: the nudge; the comparison is an O(β) limit.
         free_steps: steps of the first phase (should converge).
@@ -182,16 +161,11 @@ def gdu_trace(
     Returns:
         A [`GDUTrace`][]; its `summary()` gives per-step errors and sign agreement.
     """
-    check_batch("gdu_trace", model, x, y)
-    if float(beta) == 0.0:
-        raise ValueError("gdu_trace: `beta` must be nonzero (the increments divide by β).")
-    for name, v in (("free_steps", free_steps), ("nudged_steps", nudged_steps)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"gdu_trace: `{name}` must be a positive integer, got {v!r}.")
+    check_trace("gdu_trace", model, x, y, beta, free_steps, nudged_steps)
     eps = state_step_size(model) if step_size is None else float(step_size)
-    free_solver = free_solver or Picard(tol=0.0, max_steps=free_steps)
+    free_solver = phase_solver(free_solver, free_steps)
     out = _trace(model, x, y, jnp.asarray(float(beta)), free_solver, nudged_steps, eps)
     return GDUTrace(*out[:4], beta=float(beta), free_state=out[4])
 
 
-__all__ = ["GDUTrace", "gdu_trace", "state_step_size"]
+__all__ = ["GDUTrace", "check_trace", "free_state", "gdu_trace", "state_step_size"]

@@ -9,11 +9,11 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
-from ..estimators._batch import check_batch
-from .alignment import Alignment
-from .gdu import _stack_align, free_equilibrium, per_step_summary, state_step_size
+from ..equilibrium import AbstractSolver
+from ..estimators.phases import batched_step, energy_grads, phase_solver, trajectory
+from ..models.base import AbstractEnergyModel
+from .alignment import Alignment, per_step_alignment, per_step_summary
+from .gdu import check_trace, free_state, state_step_size
 
 
 class RBPTrace(eqx.Module):
@@ -42,10 +42,10 @@ class RBPTrace(eqx.Module):
         return jax.tree_util.tree_leaves(self.ep_state)[0].shape[0]
 
     def state_alignment(self) -> list[Alignment]:
-        return _stack_align(self.ep_state, self.rbp_state, self.steps)
+        return per_step_alignment(self.ep_state, self.rbp_state)
 
     def param_alignment(self) -> list[Alignment]:
-        return _stack_align(self.ep_param, self.rbp_param, self.steps)
+        return per_step_alignment(self.ep_param, self.rbp_param)
 
     def max_rel_error(self) -> tuple[float, float]:
         """The largest relative error over k for (states, parameters): O(β)."""
@@ -60,39 +60,26 @@ class RBPTrace(eqx.Module):
 
 @eqx.filter_jit
 def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
-    s_star, beta, dtype = free_equilibrium(model, x, y, beta, free_solver)
-    zero = jnp.zeros((), dtype)
+    s_star, beta = free_state(model, x, y, beta, free_solver)
+    zero = jnp.zeros((), beta.dtype)
     n = x.shape[0]
     params, static = eqx.partition(model, eqx.is_inexact_array)
     tmap = jax.tree_util.tree_map
-
-    def batch_step(p, s, b):
-        m = eqx.combine(p, static)
-        return jax.vmap(lambda si, xi, yi: m.step(si, xi, yi, b))(s, x, y)
-
-    def ep_body(s, _):
-        s_new = batch_step(params, s, beta)
-        return s_new, (s, s_new)
-
-    _, (prev, nxt) = lax.scan(ep_body, s_star, length=nudged_steps)
+    prev, nxt = trajectory(model, x, y, s_star, beta, nudged_steps)
     ep_state = tmap(lambda a, b: -(b - a) / (beta * eps), prev, nxt)
-
-    def d_f(s, b):
-        def mean_f(p):
-            m = eqx.combine(p, static)
-            return jnp.mean(jax.vmap(lambda si, xi, yi: m.total_energy(si, xi, yi, b))(s, x, y))
-
-        return jax.grad(mean_f)(params)
-
-    f0 = d_f(s_star, zero)
-    ep_param = jax.vmap(lambda s: tmap(lambda a, c: (a - c) / beta, d_f(s, beta), f0))(nxt)
+    f0 = energy_grads(params, static, s_star, x, y, zero)
+    ep_param = jax.vmap(
+        lambda s: tmap(lambda a, c: (a - c) / beta, energy_grads(params, static, s, x, y, beta), f0)
+    )(nxt)
 
     # Almeida–Pineda at the free equilibrium: δ_{k+1} = Jᵀ δ_k, δ_0 = ∂L/∂s.
     def total_loss(p, s):
         return jnp.sum(jax.vmap(eqx.combine(p, static).loss)(s, y))
 
     direct, delta0 = jax.grad(total_loss, argnums=(0, 1))(params, s_star)
-    _, vjp = jax.vjp(lambda p, s: batch_step(p, s, zero), params, s_star)
+    _, vjp = jax.vjp(
+        lambda p, s: batched_step(eqx.combine(p, static), s, x, y, zero), params, s_star
+    )
 
     def ap_body(carry, _):
         delta, theta = carry
@@ -106,7 +93,7 @@ def _trace(model, x, y, beta, free_solver, nudged_steps: int, eps: float):
 
 
 def rbp_equivalence_trace(
-    model,
+    model: AbstractEnergyModel,
     x: Array,
     y: Array,
     beta: float,
@@ -133,16 +120,9 @@ def rbp_equivalence_trace(
     Args: as [`eqprop_jax.diagnostics.gdu_trace`][]; `step_size` is ε (read from the
     model by default, 1 for prototypical models).
     """
-    check_batch("rbp_equivalence_trace", model, x, y)
-    if float(beta) == 0.0:
-        raise ValueError("rbp_equivalence_trace: `beta` must be nonzero (the rates divide by β).")
-    for name, v in (("free_steps", free_steps), ("nudged_steps", nudged_steps)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(
-                f"rbp_equivalence_trace: `{name}` must be a positive integer, got {v!r}."
-            )
+    check_trace("rbp_equivalence_trace", model, x, y, beta, free_steps, nudged_steps)
     eps = state_step_size(model) if step_size is None else float(step_size)
-    free_solver = free_solver or Picard(tol=0.0, max_steps=free_steps)
+    free_solver = phase_solver(free_solver, free_steps)
     out = _trace(model, x, y, jnp.asarray(float(beta)), free_solver, nudged_steps, eps)
     return RBPTrace(*out, beta=float(beta))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ._batch import check_labels
 from .base import Estimator
+from .checks import check_labels
+from .losses import cross_entropy
 
 
 class Backprop(Estimator):
@@ -28,11 +28,7 @@ class Backprop(Estimator):
         def loss_fn(m):
             logits = jax.vmap(m)(x)
             targets = check_labels("Backprop", y, logits.shape[-1])
-            if jnp.issubdtype(targets.dtype, jnp.integer):
-                # One-hot through optax's log-softmax form: the same rounding as picking
-                # log_softmax(z)[y] (the integer-label form rounds differently in float32).
-                targets = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-            return optax.softmax_cross_entropy(logits, targets).mean(), logits
+            return jnp.mean(jax.vmap(cross_entropy)(logits, targets)), logits
 
         (loss, logits), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
         return loss, grads, {"predictions": logits}

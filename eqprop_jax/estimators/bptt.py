@@ -9,15 +9,9 @@ from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..equilibrium import Solution, Stats
-from ._batch import (
-    check_batch,
-    fixed_steps_result,
-    max_abs_change,
-    nan_if_nonfinite,
-    phase_aux,
-)
-from ._validate import check_steps
 from .base import Estimator
+from .checks import check_batch, check_steps
+from .phases import fixed_steps_result, max_abs_change, nan_if_nonfinite, phase_aux
 
 
 class BPTT(Estimator):

@@ -9,19 +9,21 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium import Result, Solution, Stats
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
-from ._batch import (
-    all_finite,
-    check_batch,
-    fixed_steps_result,
-    free_phase_summary,
-    max_abs_change,
-    nan_if_nonfinite,
-)
-from ._validate import check_beta, check_steps, checked_beta
+from ..equilibrium import AbstractSolver, Result, Solution, Stats
+from ..models.base import AbstractEnergyModel
 from .base import Estimator
+from .checks import check_batch, check_beta, check_steps, checked_beta
+from .phases import (
+    Phases,
+    all_finite,
+    batched_step,
+    energy_grads,
+    finish,
+    fixed_steps_result,
+    max_abs_change,
+    phase_solver,
+    relax_free,
+)
 
 
 def _rates(learning_rate: float | PyTree, params: PyTree) -> PyTree:
@@ -106,30 +108,23 @@ class ContinualEP(Estimator):
         check_steps("ContinualEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def __call__(
-        self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
+        self, model: AbstractEnergyModel, x: Array, y: Array, *, key: PRNGKeyArray | None = None
     ) -> tuple[Array, PyTree, dict]:
         y = check_batch("ContinualEP", model, x, y)
-        free_solver = self.free_solver or Picard(tol=0.0, max_steps=self.free_steps)
-        free = jax.vmap(lambda xi, yi: model.relax(xi, yi, 0.0, solver=free_solver))(x, y)
+        free = relax_free(model, x, y, phase_solver(self.free_solver, self.free_steps))
         s0 = lax.stop_gradient(free.value)
         dtype = jax.tree_util.tree_leaves(s0)[0].dtype
         beta = jnp.asarray(checked_beta("ContinualEP", self.beta), dtype)
         params, static = eqx.partition(model, eqx.is_inexact_array)
         lr = _rates(self.learning_rate, params)
 
-        def d_f(p, s, b):
-            def mean_f(p):
-                m = eqx.combine(p, static)
-                return jnp.mean(jax.vmap(lambda si, xi, yi: m.total_energy(si, xi, yi, b))(s, x, y))
-
-            return jax.grad(mean_f)(p)
-
         def body(carry, _):
             p, s, b_prev, total = carry
-            m = eqx.combine(p, static)
-            s_new = jax.vmap(lambda si, xi, yi: m.step(si, xi, yi, beta))(s, x, y)
+            s_new = batched_step(eqx.combine(p, static), s, x, y, beta)
             g = jax.tree_util.tree_map(
-                lambda a, c: (a - c) / beta, d_f(p, s_new, beta), d_f(p, s, b_prev)
+                lambda a, c: (a - c) / beta,
+                energy_grads(p, static, s_new, x, y, beta),
+                energy_grads(p, static, s, x, y, b_prev),
             )
             p = jax.tree_util.tree_map(lambda w, eta, gi: w - eta * gi, p, lr, g)
             total = jax.tree_util.tree_map(jnp.add, total, g)
@@ -149,10 +144,14 @@ class ContinualEP(Estimator):
             result.astype(jnp.int32)[:, None],
             Stats(jnp.full((n, 1), self.nudged_steps, jnp.int32), changes[-1][:, None]),
         )
-        loss, aux = free_phase_summary(model, free, y, nudged)
-        aux.update(nudged_state=s_final, model=eqx.combine(p_final, static))
-        loss, grads = nan_if_nonfinite(loss, grads, aux)
-        return loss, grads, aux
+        return finish(
+            model,
+            Phases(free, nudged),
+            y,
+            grads,
+            nudged_state=s_final,
+            model=eqx.combine(p_final, static),
+        )
 
 
 __all__ = ["ContinualEP"]

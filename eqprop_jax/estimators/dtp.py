@@ -47,17 +47,9 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..models.layered import LayeredNet
-from ._batch import check_labels
-from ._validate import check_beta, check_steps
 from .base import Estimator
-
-
-def cross_entropy(logits: Array, y: Array) -> Array:
-    """Softmax cross-entropy of one example; `y` an integer label or a probability vector."""
-    logp = jax.nn.log_softmax(logits)
-    if jnp.issubdtype(y.dtype, jnp.integer):
-        return -logp[y]
-    return -jnp.sum(y * logp)
+from .checks import check_beta, check_labels, check_steps
+from .losses import cross_entropy
 
 
 def dtp_targets(

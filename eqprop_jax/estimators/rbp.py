@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium.adjoints import AbstractAdjoint, Implicit
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
-from ._batch import check_batch, nan_if_nonfinite, phase_aux
+from ..equilibrium import AbstractAdjoint, AbstractSolver, Implicit, Picard
 from .base import Estimator
+from .checks import check_batch
+from .phases import nan_if_nonfinite, phase_aux
 
 
 class RecurrentBackprop(Estimator):

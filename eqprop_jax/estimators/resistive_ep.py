@@ -9,13 +9,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium.solvers.picard import Picard
 from ..models.resistive import ResistiveNetwork, local_ep_gradient
-from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
-from ._validate import check_beta, check_steps, checked_beta
 from .base import Estimator
-
-_NUDGES = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "centered": (-1.0, 1.0)}
+from .checks import check_batch, check_beta, check_steps, check_variant, checked_beta
+from .phases import TWO_POINT, finish, nudge_points, phase_solver, relax_nudges, state_dtype
 
 
 class ResistiveEP(Estimator):
@@ -54,10 +51,7 @@ class ResistiveEP(Estimator):
     nudged_steps: int = eqx.field(static=True, default=4)
 
     def __check_init__(self):
-        if self.variant not in _NUDGES:
-            raise ValueError(
-                f"ResistiveEP: `variant` must be one of {tuple(_NUDGES)}, got {self.variant!r}."
-            )
+        check_variant("ResistiveEP", self.variant, tuple(TWO_POINT))
         check_beta("ResistiveEP", self.beta, positive=True)
         check_steps("ResistiveEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
@@ -67,36 +61,27 @@ class ResistiveEP(Estimator):
         if not isinstance(model, ResistiveNetwork):
             raise TypeError(f"ResistiveEP: needs a ResistiveNetwork, got {type(model).__name__}.")
         y = check_batch("ResistiveEP", model, x, y)
-        lo, hi = _NUDGES[self.variant]
-        if isinstance(self.beta, jax.core.Tracer):
-            dtype = model.init_state(x[0])[0].dtype
-            beta = checked_beta("ResistiveEP", self.beta, positive=True)
+        lo, hi = TWO_POINT[self.variant]
+        dtype = state_dtype(model, x)
+        beta = checked_beta("ResistiveEP", self.beta, positive=True)
+        if isinstance(beta, jax.core.Tracer):
             b1, b2 = (jnp.asarray(c * beta, dtype) for c in (lo, hi))
         else:
-            # A concrete β lets `relax` skip the convexity check of a positive nudge.
-            b1, b2 = (c * float(self.beta) for c in (lo, hi))
+            # A concrete β keeps the local rule's 1/(2(β2 − β1)) in Python precision.
+            b1, b2 = (c * float(beta) for c in (lo, hi))
         params = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
         if lo < 0 and not any(isinstance(a, jax.core.Tracer) for a in (b1, *params)):
             # Refuse a non-convex −β phase before any solve runs (`relax` checks again,
             # and under `jit` it is the only check).
             model.check_nudge(x, b1)
-        free_solver = Picard(tol=0.0, max_steps=self.free_steps)
-        nudged_solver = Picard(tol=0.0, max_steps=self.nudged_steps)
-
-        def per_example(xi, yi):
-            free = model.relax(xi, yi, 0.0, solver=free_solver)
-            s0 = jax.lax.stop_gradient(free.value)
-            phases = {
-                c: model.relax(xi, yi, b, s0, solver=nudged_solver)
-                for c, b in ((lo, b1), (hi, b2))
-                if c != 0.0
-            }
-            s1, s2 = (phases[c].value if c in phases else s0 for c in (lo, hi))
-            nudged = stack_phases(*phases.values())
-            return free, nudged, local_ep_gradient(model, xi, s1, s2, b1, b2)
-
-        free, nudged, grads = jax.vmap(per_example)(x, y)
+        nudges = nudge_points(beta, self.variant).astype(dtype)
+        free_solver = phase_solver(None, self.free_steps)
+        phases = relax_nudges(
+            model, x, y, nudges, free_solver, phase_solver(None, self.nudged_steps)
+        )
+        s1, s2 = (
+            jax.tree_util.tree_map(lambda a, p=p: a[:, p], nudges.states(phases)) for p in (0, 1)
+        )
+        grads = jax.vmap(lambda xi, u, v: local_ep_gradient(model, xi, u, v, b1, b2))(x, s1, s2)
         grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        loss, aux = free_phase_summary(model, free, y, nudged)
-        loss, grads = nan_if_nonfinite(loss, grads, aux)
-        return loss, grads, aux
+        return finish(model, phases, y, grads)

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..equilibrium.solvers.base import AbstractSolver
-from ..equilibrium.solvers.picard import Picard
-from ._batch import check_batch, free_phase_summary, nan_if_nonfinite, stack_phases
-from ._validate import check_beta, check_steps, checked_beta
+from ..equilibrium import AbstractSolver
+from ..models.base import AbstractVectorFieldModel
 from .base import Estimator
+from .checks import check_batch, check_beta, check_steps, check_variant, checked_beta
+from .phases import TWO_POINT, finish, nudge_points, phase_solver, relax_nudges, state_dtype
+
+_VARIANTS = ("positive", "centered")
 
 
 class VectorFieldEP(Estimator):
@@ -31,9 +33,9 @@ class VectorFieldEP(Estimator):
     feedback tilts away, the angle between −ν and dL/dθ grows. `grads` is −ν (the
     sign of `jax.grad`, for a descent step).
 
-    The model must expose `vector_field(s, x) -> μ` (per example, a pytree like the
-    state), e.g. [`eqprop_jax.models.VectorFieldMLP`][], besides the usual
-    `init_state`, `relax`, `loss`, `predict`. ν is one vector-Jacobian product of μ at
+    The model must be an [`eqprop_jax.AbstractVectorFieldModel`][] (it defines
+    `vector_field(s, x) -> μ`, per example, a pytree like the state), e.g.
+    [`eqprop_jax.models.VectorFieldMLP`][]. ν is one vector-Jacobian product of μ at
     s^0, so θ here is whatever μ depends on.
 
     Args:
@@ -56,41 +58,40 @@ class VectorFieldEP(Estimator):
     nudged_solver: AbstractSolver | None = None
 
     def __check_init__(self):
-        if self.variant not in ("positive", "centered"):
-            raise ValueError(
-                f"VectorFieldEP: `variant` must be 'positive' or 'centered', got {self.variant!r}."
-            )
+        check_variant("VectorFieldEP", self.variant, _VARIANTS)
         check_beta("VectorFieldEP", self.beta)
         check_steps("VectorFieldEP", free_steps=self.free_steps, nudged_steps=self.nudged_steps)
 
     def __call__(
-        self, model, x: Array, y: Array, *, key: PRNGKeyArray | None = None
+        self,
+        model: AbstractVectorFieldModel,
+        x: Array,
+        y: Array,
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Array, PyTree, dict]:
-        y = check_batch("VectorFieldEP", model, x, y)
-        if not callable(getattr(model, "vector_field", None)):
+        if not isinstance(model, AbstractVectorFieldModel):
             raise TypeError(
-                f"VectorFieldEP: the model ({type(model).__name__}) must define "
-                "`vector_field(s, x)`; use EquilibriumProp for energy-based models."
+                f"VectorFieldEP: the model ({type(model).__name__}) must be an "
+                "AbstractVectorFieldModel, which defines `vector_field(s, x)`; use "
+                "EquilibriumProp for energy-based models."
             )
-        free_solver = self.free_solver or Picard(tol=0.0, max_steps=self.free_steps)
-        nudged_solver = self.nudged_solver or Picard(tol=0.0, max_steps=self.nudged_steps)
+        y = check_batch("VectorFieldEP", model, x, y)
         beta = jnp.asarray(checked_beta("VectorFieldEP", self.beta))
-        lo = -beta if self.variant == "centered" else None
-
-        def phases(xi, yi):
-            free = model.relax(xi, yi, 0.0, solver=free_solver)
-            s0 = lax.stop_gradient(free.value)
-            hi = model.relax(xi, yi, beta, s0, solver=nudged_solver)
-            if lo is None:
-                s_lo, width, run = s0, beta, (hi,)
-            else:
-                low = model.relax(xi, yi, lo, s0, solver=nudged_solver)
-                s_lo, width, run = low.value, 2 * beta, (low, hi)
-            ds = jax.tree_util.tree_map(lambda a, b: (a - b) / width, hi.value, s_lo)
-            return free, lax.stop_gradient(ds), stack_phases(*run)
-
-        free, ds, nudged = jax.vmap(phases)(x, y)
-        s0 = lax.stop_gradient(free.value)
+        nudges = nudge_points(beta, self.variant).astype(state_dtype(model, x))
+        phases = relax_nudges(
+            model,
+            x,
+            y,
+            nudges,
+            phase_solver(self.free_solver, self.free_steps),
+            phase_solver(self.nudged_solver, self.nudged_steps),
+        )
+        lo, hi = TWO_POINT[self.variant]
+        states = nudges.states(phases)
+        ds = jax.tree_util.tree_map(lambda s: (s[:, 1] - s[:, 0]) / ((hi - lo) * beta), states)
+        ds = lax.stop_gradient(ds)
+        s0 = lax.stop_gradient(phases.free.value)
 
         def surrogate(m):
             # ⟨Δs/β, μ(θ, s^0)⟩: its θ-gradient is ν.
@@ -105,10 +106,7 @@ class VectorFieldEP(Estimator):
 
             return -jnp.mean(jax.vmap(per_example)(s0, x, ds))
 
-        grads = eqx.filter_grad(surrogate)(model)
-        loss, aux = free_phase_summary(model, free, y, nudged)
-        loss, grads = nan_if_nonfinite(loss, grads, aux)
-        return loss, grads, aux
+        return finish(model, phases, y, eqx.filter_grad(surrogate)(model))
 
 
 __all__ = ["VectorFieldEP"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Int
 
@@ -17,14 +16,12 @@ N_STATUSES = len(Result.names)
 def phase_statuses(aux) -> list[Array]:
     """The per-example status codes ([`eqprop_jax.Result`][]) of every phase an
     estimator reports in its `aux`; empty when it reports none (e.g. DTP, BPTT)."""
-    from .. import estimators
+    # Imported here: the estimators import the training package's optimiser helpers.
+    from ..estimators.phases import phase_results
 
-    helper = getattr(estimators, "phase_results", None)
-    if helper is not None:
-        return [jnp.asarray(r) for r in jtu.tree_leaves(helper(aux))]
-    if not isinstance(aux, Mapping):
+    if not isinstance(aux, Mapping) or "result" not in aux:
         return []
-    return [jnp.asarray(aux[k]) for k in ("result", "nudged_result") if aux.get(k) is not None]
+    return [phase_results(aux)]
 
 
 def count_statuses(aux) -> Int[Array, " 4"]:
