@@ -1,4 +1,8 @@
-"""Shared timing helpers for the benchmarks: compile time apart from steady state.
+"""What every benchmark shares: compile time apart from steady state, interleaved
+calls, process CPU time, the load average, and the training step they time.
+
+Each benchmark imports this module from its own folder (`python benchmarks/x.py`, and
+`eqprop-jax bench` and the tests, put benchmarks/ on sys.path).
 
 `time_jitted(fn, *args)` compiles `jax.jit(fn)` ahead of time (trace + lower +
 XLA compile, timed together) and then times the compiled executable alone, each
@@ -8,6 +12,10 @@ with the load average that `machine_info()` records.
 
 `interleaved(calls, rounds)` times several compiled calls round-robin, which is
 fairer than one after the other when other jobs come and go on the machine.
+
+`compile_timed_cpu` is `compile_timed` with the process CPU seconds of the compile
+too; `train_step(model, estimator, optimizer)` is the jit-able step (estimate, optax
+update) that the training benchmarks time.
 
 `matmul_gflops(m, k, n)` measures this machine's float32 matmul rate at one
 shape, so a benchmark can say how far a solver is from being matmul-bound.
@@ -24,9 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,32 @@ class Timing:
 def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
     """`jax.jit(fn)` compiled ahead of time for `args`, and the seconds that took
     (trace + lower + XLA compile)."""
-    t0 = time.perf_counter()
+    compiled, wall, _ = compile_timed_cpu(fn, *args)
+    return compiled, wall
+
+
+def compile_timed_cpu(
+    fn: Callable[..., Any], *args: Any
+) -> tuple[Callable[..., Any], float, float]:
+    """`compile_timed`, with the process CPU seconds (all threads) of the compile:
+    (executable, wall s, CPU s)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0, time.process_time() - c0
+
+
+def train_step(model: Any, estimator: Any, optimizer: Any) -> tuple[Callable[..., Any], tuple]:
+    """`step(params, opt_state, x, y) -> (params, opt_state, loss)`: the estimator's
+    gradient and an optax update of the model's inexact arrays (the rest of the model
+    closed over, so `jax.jit(step)` takes only arrays), and its first (params, opt_state)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def step(params, opt_state, x, y):
+        loss, grads, _ = estimator(eqx.combine(params, static), x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, (params, optimizer.init(params))
 
 
 def run_once(compiled: Callable[..., Any], *args: Any) -> tuple[float, float]:

@@ -37,11 +37,10 @@ float32 1024² matmul chain (`_timing.matmul_gflops`).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
-import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,10 +50,15 @@ import eqprop_jax as eqp
 from eqprop_jax.models.base import AbstractEnergyModel
 from eqprop_jax.models.conv_hopfield import _autodiff_step
 
-try:  # run as `python benchmarks/dchn.py` or imported as `benchmarks.dchn`
-    from _timing import compile_timed, interleaved, machine_info, matmul_gflops
-except ImportError:  # pragma: no cover
-    from benchmarks._timing import compile_timed, interleaved, machine_info, matmul_gflops
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import (  # noqa: E402
+    compile_timed,
+    compile_timed_cpu,
+    interleaved,
+    machine_info,
+    matmul_gflops,
+    train_step,
+)
 
 NETS = {
     # name: (constructor kwargs, default settings)
@@ -194,23 +198,6 @@ def conv_gflops(
     ) / 1e9
 
 
-def make_step(model, est, opt):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def train_step(params, opt_state, x, y):
-        loss, grads, _ = est(eqx.combine(params, static), x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step, params, opt.init(params)
-
-
-def _cpu_compile(fn, *args):
-    c0 = time.process_time()
-    compiled, wall = compile_timed(fn, *args)
-    return compiled, wall, time.process_time() - c0
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--net", choices=sorted(NETS), default="dchn")
@@ -251,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         variants["autodiff field (before)"] = ref
     calls, compile_s, losses = {}, {}, {}
     for name, m in variants.items():
-        fn, params, opt_state = make_step(m, est, opt)
-        compiled, wall, cpu = _cpu_compile(fn, params, opt_state, x, y)
+        fn, (params, opt_state) = train_step(m, est, opt)
+        compiled, wall, cpu = compile_timed_cpu(fn, params, opt_state, x, y)
         compile_s[name] = (wall, cpu)
         calls[name] = (compiled, (params, opt_state, x, y))
         print(f"{name}: compile {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)

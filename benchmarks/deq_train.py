@@ -76,10 +76,8 @@ import numpy as np
 
 import eqprop_jax as eqp
 
-try:
-    from ._timing import Timing, interleaved, load_average, machine_info, summarize
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from _timing import Timing, interleaved, load_average, machine_info, summarize
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import Timing, interleaved, load_average, machine_info, summarize  # noqa: E402
 
 DATA_DIR = "/work/shared/data/mnist"
 

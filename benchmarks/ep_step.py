@@ -1,47 +1,45 @@
 """Time one EP training step and one BPTT step on the P-1h net (784-512-10).
 
 Free phase T = 30, nudged phase K = 10 (EP) or T = 30 unrolled steps (BPTT),
-batch 50, float32. Compile time and steady-state time are measured apart with
-`block_until_ready`; the steady-state throughput is compared with the machine's
-float32 matmul rate measured in the same run (a jitted 1024 x 1024 matmul).
+batch 50, float32. Timing (`benchmarks/_timing.py`): each step is compiled ahead of
+time (trace + lower + XLA compile), then the EP and BPTT steps are called round-robin
+`--repeats` times, each call ended by `block_until_ready`; median wall and process CPU
+time. The steady-state throughput is compared with the machine's float32 matmul rate
+measured in the same run (a jitted 1024 x 1024 matmul, median wall time).
 
     python benchmarks/ep_step.py [--repeats 20] [--batch 50] [--free 30] [--nudged 10]
+    python benchmarks/ep_step.py --quick    # seconds: 5 rounds, T 10/4
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import time
+import sys
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
 
 import eqprop_jax as eqp
 
-
-def _time(fn, *args, repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import (  # noqa: E402
+    compile_timed,
+    interleaved,
+    machine_info,
+    summarize,
+    time_jitted,
+    train_step,
+)
 
 
 def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
     """Measured float32 matmul rate of this machine in FLOP/s (2 n³ per product)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    _, t = _time(jax.jit(jnp.matmul), a, b, repeats=repeats)
-    return 2 * n**3 / t
+    timing, _ = time_jitted(jnp.matmul, a, b, min_runs=repeats, max_runs=repeats, min_time=0.0)
+    return 2 * n**3 / timing.median_s
 
 
 def matmul_flops(sizes, batch, free, nudged):
@@ -70,7 +68,10 @@ def main(argv=None):
     p.add_argument("--free", type=int, default=30)
     p.add_argument("--nudged", type=int, default=10)
     p.add_argument("--update", default="sync", choices=["sync", "async"])
+    p.add_argument("--quick", action="store_true", help="5 rounds, T 10/4 (seconds)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.free, args.nudged = 5, 10, 4
 
     sizes = (784, 512, 10)
     model = eqp.HopfieldMLP(
@@ -83,39 +84,44 @@ def main(argv=None):
     kx, ky = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.uniform(kx, (args.batch, sizes[0]), jnp.float32)
     y = jax.random.randint(ky, (args.batch,), 0, sizes[-1])
-    lr = 0.05
-
-    def make_step(estimator):
-        @eqx.filter_jit
-        def train_step(model, x, y):
-            loss, grads, _ = estimator(model, x, y)
-            return eqx.apply_updates(model, jax.tree_util.tree_map(lambda g: -lr * g, grads)), loss
-
-        return train_step
+    sgd = optax.sgd(0.05)  # plain SGD: the update is -lr · gradient
 
     ep = eqp.EquilibriumProp(0.1, free_steps=args.free, nudged_steps=args.nudged)
     bptt = eqp.BPTT(args.free)
     rate = matmul_rate()
-    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    info = machine_info()
+    print(f"date: {info['date']}")
     print(
-        f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"backend {jax.default_backend()}"
+        f"machine: {info['platform']}, {info['cpus']} CPUs, jax {info['jax']}, "
+        f"device {info['device']}"
     )
-    print(f"load average: {os.getloadavg()}")
+    print(f"load: {info['uptime']}")
     print(f"float32 1024^2 matmul: {rate / 1e9:.1f} GFLOP/s")
     print(f"net {sizes}, batch {args.batch}, T {args.free}/{args.nudged}, update {args.update}")
+    calls, compile_s = {}, {}
+    for name, est in (("EP", ep), ("BPTT", bptt)):
+        step, state = train_step(model, est, sgd)
+        compiled, compile_s[name] = compile_timed(step, *state, x, y)
+        calls[name] = (compiled, (*state, x, y))
+    times = interleaved(calls, args.repeats)
     print(
-        f"{'estimator':<10} {'compile s':>10} {'step ms':>9} {'examples/s':>11} "
+        f"{'estimator':<10} {'compile s':>10} {'step ms':>9} {'CPU ms':>9} {'examples/s':>11} "
         f"{'GFLOP/s':>8} {'% matmul':>9}"
     )
     work = matmul_flops(sizes, args.batch, args.free, args.nudged)
-    for name, est in (("EP", ep), ("BPTT", bptt)):
-        compile_s, t = _time(make_step(est), model, x, y, repeats=args.repeats)
+    rows = {}
+    for name in calls:
+        timing = summarize(compile_s[name], times[name])
+        t = timing.median_s
         flops = work[name] / t
+        rows[name] = timing
         print(
-            f"{name:<10} {compile_s:>10.2f} {t * 1e3:>9.2f} {args.batch / t:>11.0f} "
+            f"{name:<10} {timing.compile_s:>10.2f} {t * 1e3:>9.2f} "
+            f"{timing.cpu_median_s * 1e3:>9.2f} {args.batch / t:>11.0f} "
             f"{flops / 1e9:>8.2f} {100 * flops / rate:>8.1f}%"
         )
+    print(f"load after: {machine_info()['uptime']}")
+    return rows
 
 
 if __name__ == "__main__":

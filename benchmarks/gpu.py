@@ -54,10 +54,8 @@ from eqprop_jax.diagnostics.dtp import backprop_gradients
 from eqprop_jax.models.layered import LayeredNet
 from eqprop_jax.models.resistive import ResistiveNetwork
 
-try:  # run as `python benchmarks/gpu.py` or imported as `benchmarks.gpu`
-    from _timing import machine_info, time_jitted
-except ImportError:  # pragma: no cover
-    from benchmarks._timing import machine_info, time_jitted
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import machine_info, time_jitted, train_step  # noqa: E402
 
 SECTIONS = ("dchn", "pcnn", "vgg", "mlp", "solvers")
 VGG_STEPS = (20, 30, 35, 55, 20)
@@ -85,17 +83,6 @@ class Row:
 # -- steps ----------------------------------------------------------------------------
 
 
-def ep_step(model, est, opt):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def step(params, opt_state, x, y):
-        loss, grads, _ = est(eqx.combine(params, static), x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, (params, opt.init(params))
-
-
 def dtp_step(model, est, opt, *, backprop: bool):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     fwd = lambda p: p.forward  # noqa: E731 - the trained (forward) weights
@@ -118,6 +105,13 @@ def dtp_step(model, est, opt, *, backprop: bool):
 # -- rows -----------------------------------------------------------------------------
 
 
+def _dchn(channels, **kw):
+    """The CIFAR-10 DCHN of both settings: 3x3 convs, padding 1, clipped activation."""
+    return lambda dt, key: eqp.ConvHopfield(
+        (3, 32, 32), channels, 3, 10, paddings=1, activation="clip_half", dtype=dt, key=key, **kw
+    )
+
+
 def dchn_rows(tiny: bool):
     ch = (4, 4, 4, 4) if tiny else (128, 256, 512, 512)
     b = 2 if tiny else 128
@@ -126,17 +120,7 @@ def dchn_rows(tiny: bool):
         "DCHN (rain: async MSE, T 60 / K 15x2, β 0.25)",
         b,
         f"convs {'-'.join(map(str, ch))}, T {free}/{nudged} centered",
-        lambda dt, key: eqp.ConvHopfield(
-            (3, 32, 32),
-            ch,
-            3,
-            10,
-            paddings=1,
-            activation="clip_half",
-            update="async",
-            dtype=dt,
-            key=key,
-        ),
+        _dchn(ch, update="async"),
         eqp.EquilibriumProp(beta=0.25, variant="centered", free_steps=free, nudged_steps=nudged),
         optax.sgd(0.05, momentum=0.9),
         None,
@@ -146,18 +130,7 @@ def dchn_rows(tiny: bool):
         "DCHN (Laborieux 2021: sync CE, T 250 / K 30x2, β 1)",
         b,
         f"convs {'-'.join(map(str, ch))}, T {free}/{nudged} centered",
-        lambda dt, key: eqp.ConvHopfield(
-            (3, 32, 32),
-            ch,
-            3,
-            10,
-            paddings=1,
-            activation="clip_half",
-            cost="ce",
-            update="sync",
-            dtype=dt,
-            key=key,
-        ),
+        _dchn(ch, cost="ce", update="sync"),
         eqp.EquilibriumProp(beta=1.0, variant="centered", free_steps=free, nudged_steps=nudged),
         optax.sgd(0.05, momentum=0.9),
         50_000,
@@ -232,7 +205,7 @@ def run_ep_row(section, name, batch, settings, build, est, opt, epoch, dtype) ->
     kx, ky = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.uniform(kx, (batch, *shape), dt)
     y = jax.random.randint(ky, (batch,), 0, 10)
-    step, state = ep_step(model, est, opt)
+    step, state = train_step(model, est, opt)
     timing, _ = time_jitted(step, *state, x, y, min_runs=3, max_runs=10, min_time=1.0)
     row.compile_s, row.step_s = timing.compile_s, timing.median_s
     if epoch:

@@ -7,41 +7,43 @@ first MNIST test images (random inputs if the data is absent), this measures
   free phase (β = 0, from zero volts) and the nudged phase (β = 1, from the free
   equilibrium), batch 4, per-example step counts (mean and max);
 - time per sweep: a jitted `lax.scan` of `--sweeps` sweeps vmapped over the batch,
-  compile time (first call, trace + compile + run) apart from the steady state
-  (median of `--repeats` calls, each ended by `block_until_ready`).
+  timed by `benchmarks/_timing.py`: compile time (ahead of time: trace + lower + XLA
+  compile) apart from the steady state (median wall and process CPU time of
+  `--repeats` calls after one warm-up call, each ended by `block_until_ready`).
 
     python benchmarks/resistive.py --hidden 100 1024 4096 32768 --batch 4 64
+    python benchmarks/resistive.py --quick     # H 100 and 1024, batch 4
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
-from datetime import UTC, datetime
+import sys
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqprop_jax.data import DataError, load_dataset
 from eqprop_jax.equilibrium.solvers.picard import Picard
 from eqprop_jax.models.resistive import ResistiveNetwork
 
-MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import machine_info, time_jitted  # noqa: E402
+
+MNIST = os.environ.get("EQPROP_DATA", "/work/shared/data") + "/mnist"
 
 
 def inputs(n: int) -> np.ndarray:
-    path = os.path.join(MNIST, "t10k-images-idx3-ubyte.gz")
-    if os.path.exists(path):
-        import gzip
-
-        with gzip.open(path, "rb") as f:
-            data = np.frombuffer(f.read(), np.uint8, offset=16)
-        return data[: n * 784].reshape(n, 784).astype(np.float32) / 255.0
-    return np.random.default_rng(0).uniform(size=(n, 784)).astype(np.float32)
+    """The first n MNIST test images as 784-vectors in [0, 1] (uniform noise without
+    the data)."""
+    try:
+        data = load_dataset("mnist", data_dir=MNIST).subset(test=n).flat()
+    except DataError:
+        return np.random.default_rng(0).uniform(size=(n, 784)).astype(np.float32)
+    return data.x_test
 
 
 def sweeps_to_converge(model, x, y, tol, max_steps):
@@ -62,26 +64,24 @@ def sweeps_to_converge(model, x, y, tol, max_steps):
 
 
 def time_sweeps(model, x, y, sweeps, repeats):
-    @eqx.filter_jit
-    def run(model, x, y):
+    """(compile s, wall s per sweep, CPU s per sweep)."""
+    # The conductances are an argument, not closed-over constants, so XLA cannot fold
+    # them into the program (as in training, where they change every step).
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def run(params, x, y):
+        m = eqx.combine(params, static)
+
         def one(xi, yi):
             def body(s, _):
-                return model.step(s, xi, yi, 0.0), None
+                return m.step(s, xi, yi, 0.0), None
 
-            return jax.lax.scan(body, model.init_state(xi), length=sweeps)[0]
+            return jax.lax.scan(body, m.init_state(xi), length=sweeps)[0]
 
         return jax.vmap(one)(x, y)
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(model, x, y))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(model, x, y))
-        times.append(time.perf_counter() - t0)
-    steady = statistics.median(times)
-    return first - steady, steady / sweeps
+    timing, _ = time_jitted(run, params, x, y, min_runs=repeats, max_runs=repeats, min_time=0.0)
+    return timing.compile_s, timing.median_s / sweeps, timing.cpu_median_s / sweeps
 
 
 def main(argv=None):
@@ -93,20 +93,22 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=1e-4, help="volts, on max |ΔV| per sweep")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--input-gain", type=float, default=48.0)
+    p.add_argument("--quick", action="store_true", help="H = 100 and 1024, batch 4, 3 repeats")
     args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.batch, args.repeats = [100, 1024], [4], 3
 
-    load = os.getloadavg()
+    info = machine_info()
     print(
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__} {jax.devices()[0].platform}, float32, "
-        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+        f"{info['date']}, {info['platform']}, {info['cpus']} CPUs, jax {info['jax']} "
+        f"{info['device']}, float32; {info['uptime']}"
     )
     x_all = inputs(max(args.batch))
     print(
         "| hidden | batch | free sweeps mean/max | nudged sweeps mean/max | compile s "
-        "| ms per sweep | µs per sweep per example |"
+        "| ms per sweep | µs per sweep per example | CPU ms per sweep |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for hidden in args.hidden:
         model = ResistiveNetwork(
@@ -125,16 +127,23 @@ def main(argv=None):
                     f"{free.mean():.1f}/{free.max()}",
                     f"{nudged.mean():.1f}/{nudged.max()}" + ("" if ok else " (not all)"),
                 )
-            compile_s, per_sweep = time_sweeps(model, x, y, args.sweeps, args.repeats)
-            row = (hidden, batch, *conv, compile_s, 1e3 * per_sweep, 1e6 * per_sweep / batch)
+            compile_s, per_sweep, cpu = time_sweeps(model, x, y, args.sweeps, args.repeats)
+            row = (
+                hidden,
+                batch,
+                *conv,
+                compile_s,
+                1e3 * per_sweep,
+                1e6 * per_sweep / batch,
+                1e3 * cpu,
+            )
             rows.append(row)
             print(
                 f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]:.2f} | {row[5]:.3f} "
-                f"| {row[6]:.1f} |",
+                f"| {row[6]:.1f} | {row[7]:.3f} |",
                 flush=True,
             )
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(f"load after: {machine_info()['uptime']}")
     return rows
 
 

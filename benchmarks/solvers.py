@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -61,27 +62,16 @@ import numpy as np
 
 import eqprop_jax as eqp
 
-try:
-    from ._timing import (
-        Timing,
-        compile_timed,
-        interleaved,
-        load_average,
-        machine_info,
-        matmul_gflops,
-        summarize,
-    )
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from _timing import (
-        Timing,
-        compile_timed,
-        interleaved,
-        load_average,
-        machine_info,
-        matmul_gflops,
-        summarize,
-    )
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, beside this file
+from _timing import (  # noqa: E402
+    Timing,
+    compile_timed,
+    interleaved,
+    load_average,
+    machine_info,
+    matmul_gflops,
+    summarize,
+)
 
 # --------------------------------------------------------------------------- problem
 

@@ -1,9 +1,10 @@
 """Continual EP and vector-field EP against EP on MNIST 784-512-10: error and gradient angle.
 
 Trains one method through `eqprop_jax.train.fit`, one epoch at a time (resuming from
-the run's checkpoint), and after every epoch measures, on fixed training batches, the
-angle between the method's update and the implicit gradient of the loss at the free
-fixed point (recurrent backprop, Krylov adjoint, tight solve). Methods:
+the run's checkpoint: `_common.fit_by_epoch`), and after every epoch measures, on
+fixed training batches, the angle between the method's update and the implicit
+gradient of the loss at the free fixed point (recurrent backprop, Krylov adjoint,
+tight solve). Methods:
 
 - `ep`: EP (positive nudge) on the P-1h net (preset `ernoult2019-p1h`'s model);
 - `cep`: continual EP (Ernoult et al. 2020) on the same net: weights move at every
@@ -22,7 +23,6 @@ batches, feedback angle for VF nets) in --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,8 +31,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import angle_deg, fit_by_epoch, load_images
 
-from eqprop_jax.data import load_dataset
 from eqprop_jax.equilibrium import BiCGStab, Implicit
 from eqprop_jax.equilibrium.solvers.picard import Picard
 from eqprop_jax.estimators.continual_ep import ContinualEP
@@ -40,13 +40,9 @@ from eqprop_jax.estimators.ep import EquilibriumProp
 from eqprop_jax.estimators.rbp import RecurrentBackprop
 from eqprop_jax.estimators.vector_field_ep import VectorFieldEP
 from eqprop_jax.models.vector_field import VectorFieldMLP
-from eqprop_jax.presets import get_preset, to_layout
-from eqprop_jax.train import TrainConfig, fit
+from eqprop_jax.presets import get_preset
+from eqprop_jax.train import TrainConfig
 from eqprop_jax.train.optim import layer_indices, trainable
-
-
-def _flat(tree) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
 
 
 def build(args, key):
@@ -95,16 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--angle-batches", type=int, default=20)
     p.add_argument("--dataset", default="mnist")
-    p.add_argument("--data-dir", default="/work/shared/data/mnist")
+    p.add_argument("--data-dir", default=None, help="the IDX folder (default: shared data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
-    data = dataclasses.replace(
-        data, x_train=to_layout(data.x_train, "flat"), x_test=to_layout(data.x_test, "flat")
-    )
+    data = load_images(args.dataset, args.data_dir).flat()
     model, est, lr = build(args, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7))
     reference = RecurrentBackprop(
         adjoint=Implicit(BiCGStab(200), tol=1e-8), solver=Picard(tol=1e-10, max_steps=5000)
@@ -112,16 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(1000 + args.seed)
     picks = rng.permutation(len(data.x_train))[: args.angle_batches * args.batch_size]
     picks = picks.reshape(args.angle_batches, args.batch_size)
-    est_flat = eqx.filter_jit(lambda m, x, y, k: _flat(est(m, x, y, key=k)[1]))
-    ref_flat = eqx.filter_jit(lambda m, x, y: _flat(reference(m, x, y)[1]))
+    est_grad = eqx.filter_jit(lambda m, x, y, k: est(m, x, y, key=k)[1])
+    ref_grad = eqx.filter_jit(lambda m, x, y: reference(m, x, y)[1])
 
     def angles(m):
         out = []
         for i, b in enumerate(picks):
             x, y = jnp.asarray(data.x_train[b]), jnp.asarray(data.y_train[b])
-            g, r = est_flat(m, x, y, jax.random.PRNGKey(i)), ref_flat(m, x, y)
-            cos = float(g @ r / (jnp.linalg.norm(g) * jnp.linalg.norm(r) + 1e-30))
-            out.append(float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))))
+            out.append(angle_deg(est_grad(m, x, y, jax.random.PRNGKey(i)), ref_grad(m, x, y)))
         return np.asarray(out)
 
     out = Path(args.out)
@@ -140,20 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         log.write_text(json.dumps(row) + "\n")
         done = 1
     info = {"script": "cep_vf_curves.py", "args": vars(args), "started": time.ctime()}
-    for epoch in range(done, args.epochs + 1):
-        cfg = TrainConfig(
-            epochs=epoch,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            lr=lr,
-            eval_solver=Picard(tol=0.0, max_steps=args.T),
-            max_steps_per_epoch=args.max_steps_per_epoch,
-            progress=False,
-        )
-        result = fit(model, est, data, cfg, out_dir=out, resume=epoch > 1, run_info=info)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        lr=lr,
+        eval_solver=Picard(tol=0.0, max_steps=args.T),
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        progress=False,
+    )
+
+    def after_epoch(result):
         a = angles(result.model)
         row = {
-            "epoch": epoch,
+            "epoch": result.history[-1]["epoch"],
             "angle_median": float(np.median(a)),
             "angle_p90": float(np.quantile(a, 0.9)),
         }
@@ -161,7 +152,19 @@ def main(argv: list[str] | None = None) -> int:
             row["feedback_angles"] = result.model.feedback_angles()
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"epoch {epoch}: angle to the implicit gradient {row}", flush=True)
+        print(f"epoch {row['epoch']}: angle to the implicit gradient {row}", flush=True)
+        return {}
+
+    fit_by_epoch(
+        model,
+        est,
+        data,
+        cfg,
+        out_dir=out,
+        after_epoch=after_epoch,
+        start_epoch=done,
+        run_info=info,
+    )
     return 0
 
 

@@ -29,6 +29,14 @@ same weights and batch, round-robin (`--time-rounds`), for a cleaner ms/step.
 Outputs in `--out`: `results.json`, `table.md`, `iterations.png`, `angles.png`,
 `accuracy.png`.
 
+Data come from `eqprop_jax.data`. The training loop is this script's own, not
+`eqprop_jax.train.fit`: what it measures lives inside the step and between the runs,
+where `fit` has no place for it: each step passes adjoint probes through the solve
+and returns z* (for the next epoch's warm start, started from a per-example z0 that
+`fit`'s estimators cannot take), the inexact backwards are compared with `Implicit`
+on the same batch before their update, and the configurations are interleaved epoch
+by epoch so that the machine's load falls on all of them alike.
+
     python scripts/deq_mnist.py --quick          # a short run on subsets (minutes)
     python scripts/deq_mnist.py --smoke          # random data, seconds (the test)
     python scripts/deq_mnist.py --epochs 5 --train-size 60000 --test-size 10000
@@ -40,7 +48,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -50,11 +57,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import DATA_ROOT, load_images, machine, random_images
 
 import eqprop_jax as eqp
-from eqprop_jax.data import Dataset, load_dataset
+from eqprop_jax.data import Dataset
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 BACKWARDS = ("implicit", "almeida_pineda", "jfb", "phantom")
 EVAL_ADJOINT = eqp.Implicit(on_failure="ignore")
 
@@ -221,22 +228,10 @@ class Run:
 
 def load(name: str, args) -> Dataset:
     if args.smoke:
-        rng = np.random.default_rng(0)
-        n_train, n_test, side = 64, 32, 8
-        x_train = rng.random((n_train, side, side, 1), dtype=np.float32)
-        x_test = rng.random((n_test, side, side, 1), dtype=np.float32)
-        y_train = rng.integers(0, 10, n_train).astype(np.int32)
-        y_test = rng.integers(0, 10, n_test).astype(np.int32)
-        return Dataset(f"random-{name}", x_train, y_train, x_test, y_test, 10)
-    data = load_dataset(name, data_dir=os.path.join(args.data, name))
-    return data.subset(args.train_size, args.test_size).standardized().flat()
-
-
-def machine() -> str:
-    return (
-        f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
-        f"({jax.default_backend()}), load average {os.getloadavg()[0]:.1f}"
-    )
+        return random_images(name, 64, 32)
+    data = load_images(name, os.path.join(args.data, name), train=args.train_size,
+                       test=args.test_size)
+    return data.standardized().flat()
 
 
 def run_epoch(run: Run, data: Dataset, epoch: int, args, angle_fns):
@@ -513,7 +508,8 @@ def parse(argv=None):
     p.add_argument("--eval-block", type=int, default=1000)
     p.add_argument("--time-rounds", type=int, default=50,
                    help="interleaved rounds of the per-step timing after training")
-    p.add_argument("--data", default=DATA, help="folder holding mnist/ and fashion_mnist/")
+    p.add_argument("--data", default=str(DATA_ROOT),
+                   help="folder holding mnist/ and fashion_mnist/")
     p.add_argument("--out", default="runs/deq_mnist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",

@@ -23,14 +23,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import angle_deg, load_images
 
-from eqprop_jax.data import load_dataset
 from eqprop_jax.presets import get_preset, to_layout
 from eqprop_jax.train.checkpoint import load_checkpoint
-
-
-def _flat(tree) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="a train --out folder with checkpoint.npz")
     p.add_argument("--estimators", nargs="+", required=True)
     p.add_argument("--dataset", default=None)
-    p.add_argument("--data-dir", default="/work/shared/data/mnist")
+    p.add_argument("--data-dir", default=None, help="the IDX folder (default: shared data)")
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
 
     preset = get_preset(args.preset)
-    data = load_dataset(args.dataset or preset.dataset, data_dir=args.data_dir, seed=0)
+    data = load_images(args.dataset or preset.dataset, args.data_dir)
     x = to_layout(data.x_train, preset.layout)
     template = preset.model(jax.random.PRNGKey(0), x.shape[1:], data.num_classes)
     (model, _), info = load_checkpoint(Path(args.run) / "checkpoint.npz", (template, None))
@@ -55,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def compile_(name):
         est = preset.make_estimator(name)
-        return eqx.filter_jit(lambda m, xb, yb, k: _flat(est(m, xb, yb, key=k)[1]))
+        return eqx.filter_jit(lambda m, xb, yb, k: est(m, xb, yb, key=k)[1])
 
     ref_fn = compile_("rbp-implicit")
     fns = {name: compile_(name) for name in args.estimators}
@@ -69,12 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         ref = ref_fn(model, xb, yb, k)
         for name, fn in fns.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            g = fn(model, xb, yb, k).block_until_ready()
+            g = jax.block_until_ready(fn(model, xb, yb, k))
             if i > 0:  # the first call compiles
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
-            cos = float(g @ ref / (jnp.linalg.norm(g) * jnp.linalg.norm(ref) + 1e-30))
-            angles[name].append(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+            angles[name].append(angle_deg(g, ref))
     print(
         f"{args.preset}, run {args.run} (epoch {info['epoch']}), {args.batches} training "
         f"batches of {bs}; load {open('/proc/loadavg').read().split()[0]}"

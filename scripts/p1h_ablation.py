@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
+from _common import load_images
 
-from eqprop_jax.data import load_dataset
-from eqprop_jax.presets import _hopfield, get_preset, to_layout
+from eqprop_jax.presets import _hopfield, get_preset
 from eqprop_jax.train import fit
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bptt-steps", type=int, default=16, help="steps BPTT differentiates")
     p.add_argument("--estimator", default="ep-positive")
     p.add_argument("--dataset", default="mnist")
-    p.add_argument("--data-dir", default="/work/shared/data/mnist")
+    p.add_argument("--data-dir", default=None, help="the IDX folder (default: shared data)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -49,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             activation="sigmoid4",
             update=args.update,
         ),
-        ep=dataclasses.replace(base.ep, bptt_steps=args.bptt_steps),
+        # The preset's BPTT with another truncation (its steps stay the preset's T).
+        estimators={
+            **base.estimators,
+            "bptt": functools.partial(base.estimators["bptt"], truncate=args.bptt_steps),
+        },
     )
-    data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
-    data = dataclasses.replace(
-        data, x_train=to_layout(data.x_train, "flat"), x_test=to_layout(data.x_test, "flat")
-    )
+    data = load_images(args.dataset, args.data_dir).flat()
     cfg = dataclasses.replace(
         preset.train,
         epochs=args.epochs,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err as _rel
 from jax.flatten_util import ravel_pytree
 
 import eqprop_jax as eqp
@@ -18,10 +19,6 @@ KEY = jax.random.PRNGKey(0)
 X = jax.random.uniform(jax.random.PRNGKey(1), (3, 4))
 Y = jnp.array([0, 1, 2])
 CONVERGED = eqp.Picard(tol=1e-14, max_steps=5000)
-
-
-def _rel(a, b):
-    return eqp.gradient_alignment(a, b).overall.rel_error
 
 
 MODELS = {

@@ -1,25 +1,21 @@
-"""Data sources: embedded digits, IDX/npz folders, tfds error path, batching, augmentation."""
+"""Data sources: embedded digits, IDX/npz folders, tfds error path, checks on load.
+
+Batching and augmentation (`data/batching.py`) are tested in test_data_batching.py."""
 
 import gzip
 import struct
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eqprop_jax.data import (
     DataError,
     Dataset,
-    batch_indices,
-    epoch_order,
     load_dataset,
     load_digits,
     load_folder,
-    random_crop_flip,
     read_idx,
-    steps_per_epoch,
     verify_md5sums,
 )
 
@@ -165,40 +161,6 @@ def test_unknown_dataset_and_unreachable_tfds(tmp_path):
     (tfds_dir / "downloads").mkdir(parents=True)
     with pytest.raises(DataError, match="could not reach 'fashion_mnist'.*`data_dir`"):
         load_dataset("fashion_mnist", data_dir=tfds_dir)
-
-
-def test_epoch_order_and_batches():
-    key = jax.random.PRNGKey(3)
-    o0, o0b, o1 = epoch_order(key, 0, 50), epoch_order(key, 0, 50), epoch_order(key, 1, 50)
-    np.testing.assert_array_equal(np.sort(o0), np.arange(50))
-    np.testing.assert_array_equal(o0, o0b)
-    assert not np.array_equal(o0, o1)
-    assert steps_per_epoch(50, 16) == 3 and steps_per_epoch(50, 16, max_steps=2) == 2
-    np.testing.assert_array_equal(batch_indices(o0, 2, 16), o0[32:48])
-    with pytest.raises(ValueError, match="larger than"):
-        steps_per_epoch(10, 16)
-
-
-@pytest.mark.parametrize("channels_first", [False, True])
-def test_random_crop_flip_is_a_shifted_possibly_flipped_crop(channels_first):
-    p = 2
-    x = jax.random.uniform(jax.random.PRNGKey(0), (6, 5, 5, 2))
-    xin = jnp.moveaxis(x, -1, 1) if channels_first else x
-    out = random_crop_flip(jax.random.PRNGKey(1), xin, padding=p, channels_first=channels_first)
-    out = np.asarray(jnp.moveaxis(out, 1, -1) if channels_first else out)
-    padded = np.pad(np.asarray(x), ((0, 0), (p, p), (p, p), (0, 0)))
-    kinds = set()
-    for i in range(len(x)):
-        matches = [
-            (dy, dx, flip)
-            for dy in range(2 * p + 1)
-            for dx in range(2 * p + 1)
-            for flip in (False, True)
-            if np.array_equal(out[i], padded[i, dy : dy + 5, dx : dx + 5][:, :: -1 if flip else 1])
-        ]
-        assert matches, f"image {i} is not a crop of its padded input"
-        kinds.add(matches[0])
-    assert len(kinds) > 1  # not the same transform for every image
 
 
 # -- data validated at load time ------------------------------------------------------------

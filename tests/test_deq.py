@@ -1,16 +1,13 @@
 """The DEQ layer: static settings (plain jit, serialisation), state dtype, shape errors,
 the vmap pattern, and the benchmark `benchmarks/deq_train.py` at tiny size."""
 
-import importlib.util
-import pathlib
-import sys
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import load_source
 
 import eqprop_jax as eqp
 
@@ -207,15 +204,7 @@ def test_the_docstring_vmap_pattern():
 
 
 def _load_benchmark(monkeypatch):
-    """Import the script as `eqprop-jax bench` does: benchmarks/ on sys.path (for
-    `_timing`), the module registered in sys.modules (for its dataclasses)."""
-    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(root))
-    spec = importlib.util.spec_from_file_location("_eqprop_bench_deq_train", root / "deq_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_source("benchmarks", "deq_train", monkeypatch)
 
 
 def test_deq_train_benchmark_quick_gradients_agree(monkeypatch):

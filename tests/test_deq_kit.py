@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err as _rel
 
 import eqprop_jax as eqp
 from eqprop_jax.regularisation import hutchinson_frobenius
@@ -67,10 +68,6 @@ def _phantom_dense(w, xs, k, lam):
         u = lam * sum(jnp.linalg.matrix_power(b.T, t) @ (2 * z) for t in range(k))
         total = total + vjp_w(u)[0]
     return total
-
-
-def _rel(a, b):
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 # -- Jacobian-free backprop ----------------------------------------------------------

@@ -1,14 +1,10 @@
 """Smoke test of scripts/deq_mnist.py on random 8x8 data (two backwards, warm start, float32)."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import jax
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "deq_mnist.py")
+from helpers import load_source
 
 
 @pytest.fixture
@@ -20,10 +16,7 @@ def float32():
 
 
 def test_deq_mnist_smoke(tmp_path, float32, monkeypatch):
-    spec = importlib.util.spec_from_file_location("deq_mnist", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "deq_mnist", script)  # its dataclass looks itself up
-    spec.loader.exec_module(script)
+    script = load_source("scripts", "deq_mnist", monkeypatch)
     rows = script.main(["--smoke", "--datasets", "mnist", "--backwards", "jfb", "phantom",
                         "--jac-weights", "1.0", "--out", str(tmp_path)])
     for name in ("table.md", "results.json", "iterations.png", "angles.png", "accuracy.png"):

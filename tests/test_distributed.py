@@ -1,16 +1,13 @@
 """Multi-process data parallelism with jax.distributed: 2 local processes, gloo collectives."""
 
-import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import subprocess_env as _env
 
 WORKER = textwrap.dedent(
     """
@@ -58,13 +55,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _spawn(mode, pid, port, out):

@@ -5,6 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import flat as _flat
+from helpers import random_batch
+from helpers import rel_err as _rel
+from helpers import run_estimator as _run
 
 import eqprop_jax as eqp
 from eqprop_jax.models import activations
@@ -16,11 +20,6 @@ TIGHT = eqp.Picard(tol=1e-13, max_steps=5000)
 RBP = eqp.RecurrentBackprop(adjoint=eqp.Implicit(eqp.BiCGStab(200), tol=1e-13), solver=TIGHT)
 
 
-@eqx.filter_jit
-def _run(estimator, model, x, y, key=None):
-    return estimator(model, x, y, key=key)
-
-
 def _ep(beta, variant, **kw):
     # β as an array, so that a β sweep reuses one compiled function.
     return eqp.EquilibriumProp(
@@ -28,18 +27,8 @@ def _ep(beta, variant, **kw):
     )
 
 
-def _flat(tree):
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
-
-
-def _rel(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
-
 def _data(n_in=6, n_out=3, batch=3, seed=1):
-    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
-    return jax.random.uniform(kx, (batch, n_in)), jax.random.randint(ky, (batch,), 0, n_out)
+    return random_batch((n_in,), n_out, batch, seed)
 
 
 def _model(**kw):

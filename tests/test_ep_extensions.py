@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_estimator as _run
 
 import eqprop_jax as eqp
 from eqprop_jax.models.conv_hopfield import _conv, _max_pool
@@ -15,11 +16,6 @@ X = jax.random.uniform(jax.random.PRNGKey(1), (3, 6))
 Y = jnp.array([0, 1, 2])
 # A converged reference: Picard to 1e-12 then an exact (GMRES) implicit solve.
 RBP = eqp.RecurrentBackprop(solver=eqp.Picard(tol=1e-12, max_steps=3000))
-
-
-@eqx.filter_jit
-def _run(estimator, model, x, y):
-    return estimator(model, x, y)
 
 
 def _hopfield(**kw):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_batch
 
 import eqprop_jax as eqp
 from eqprop_jax import Result
@@ -34,8 +35,7 @@ def _resistive():
 
 
 def _data(x_shape, n_out, seed=1):
-    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
-    return jax.random.uniform(kx, (B, *x_shape)), jax.random.randint(ky, (B,), 0, n_out)
+    return random_batch(x_shape, n_out, B, seed)
 
 
 SHORT = dict(free_steps=8, nudged_steps=4)

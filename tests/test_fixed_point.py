@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err
 
 import eqprop_jax as eqp
 
@@ -44,13 +45,6 @@ def dense_ift_grad(params, x):
     lam = jnp.linalg.solve((jnp.eye(D) - jac).T, g)  # (I - Jᵀ) λ = g
     v = lam * a  # λᵀ diag(a)
     return (jnp.outer(v, z), jnp.outer(v, x), v)
-
-
-def rel_err(a, b):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    num = sum(float(jnp.sum((p - q) ** 2)) for p, q in zip(la, lb, strict=True))
-    den = sum(float(jnp.sum(q**2)) for q in lb)
-    return (num / den) ** 0.5
 
 
 @eqx.filter_jit

@@ -1,12 +1,10 @@
 """`train.PerDevice`: shard_map'ed estimators equal the one-device ones (8 host devices)."""
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import subprocess_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -48,9 +46,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_per_device_equals_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import np_flat as flat
+from helpers import rel_err
 
 import eqprop_jax as eqp
 from eqprop_jax.estimators.resistive_ep import ResistiveEP
@@ -81,10 +83,6 @@ def solve(model, x, y, beta):
     s, result = _relax(model, x, y, jnp.asarray(beta, jnp.float64))
     assert int(result) == eqp.Result.converged
     return s
-
-
-def flat(s):
-    return np.concatenate([np.asarray(v) for v in s])
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.7])
@@ -181,11 +179,6 @@ def implicit_gradient(model, x, y):
         return m.loss(sol.value, y)
 
     return eqx.filter_grad(loss)(model)
-
-
-def rel_err(a, b):
-    a, b = jax.flatten_util.ravel_pytree(a)[0], jax.flatten_util.ravel_pytree(b)[0]
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def active_set(model, s):
@@ -467,9 +460,7 @@ def leaves64(tree):
     return [np.asarray(a, np.float64) for a in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
-def np_rel_err(a, b):
-    a, b = np.concatenate([v.ravel() for v in a]), np.concatenate([v.ravel() for v in b])
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+np_rel_err = rel_err  # on host float64 leaves
 
 
 def test_drn_xs_preset_gives_finite_nonzero_gradients_at_gains_50_to_500():

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import subprocess_env as _env
 
 from eqprop_jax.data import epoch_order, load_digits
 from eqprop_jax.estimators import EquilibriumProp, Estimator
@@ -42,8 +43,6 @@ from eqprop_jax.train import (
     read_info,
     save_checkpoint,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -301,12 +300,6 @@ SHARDED = textwrap.dedent(
     print("SHARDED-OK", float(l1), float(l8))
     """
 )
-
-
-def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def test_sharded_over_8_host_devices_matches_one_device():

@@ -40,8 +40,3 @@ def neumann_tangent(f, z_star, args, t_args, k):
 def cotangent(f, z_star, args, w):
     """The vector-Jacobian product wᵀ dz*/dθ, by transposing the dense tangent map."""
     return jax.linear_transpose(lambda t: tangent(f, z_star, args, t), args)(w)[0]
-
-
-def rel_err(a, b):
-    a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
-    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-300))

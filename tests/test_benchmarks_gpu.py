@@ -1,30 +1,27 @@
 """benchmarks/gpu.sh at toy sizes on the CPU: it runs and writes its table."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO, subprocess_env
 
 
 def test_gpu_script_writes_a_table_naming_the_device(tmp_path):
     out = tmp_path / "gpu.md"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env = subprocess_env(PYTHON=sys.executable)
     # The MLP section in both dtypes: the whole script (row building, timing, the
     # dtype loop, the table, the device name) at a fraction of the full run's compiles.
     cmd = [
         "bash",
-        str(ROOT / "benchmarks" / "gpu.sh"),
+        str(REPO / "benchmarks" / "gpu.sh"),
         "--tiny",
         "--only",
         "mlp",
         "--out",
         str(out),
     ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     assert text.startswith(f"# Benchmarks on {jax.devices('cpu')[0].device_kind} (cpu)")
