@@ -234,7 +234,7 @@ def _resistive(sizes, **kw):
 
 
 def _simple_vgg(key, input_shape, num_classes):
-    return LayeredNet.simple_vgg(key=key, input_shape=input_shape, num_classes=num_classes)
+    return LayeredNet.simple_vgg(key=key, input_shape=input_shape, n_outputs=num_classes)
 
 
 PRESETS: dict[str, Preset] = {}
