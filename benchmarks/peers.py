@@ -20,19 +20,25 @@ says so):
 - `p-mlp`: Laborieux P-MLP 784-512-10, T 30/10, batch 50; 20 steps; peer ~2 s,
   eqprop_jax ~15 s (mostly compile); cap 60 s per side.
 - `p-cnn`: Laborieux P-CNN 5x5 convs 32-64, T 200/10, batch 100; 2 steps; peer ~15 s,
-  eqprop_jax ~90 s compile + ~80 s per step (issue 14's figures); cap 120 s.
+  eqprop_jax ~15 s (compile 5 s, 2.7 s per step; measured loaded); cap 120 s.
 - `dhn-1h`: rain DHN-1h 784-1024-10, 15 / 15x2, batch 16; 20 steps; peer ~2 s,
   eqprop_jax ~15 s; cap 60 s.
 - `drn-xs`: rain DRN-XS resistive, 4 / 4x2 sweeps, batch 4; 20 steps; peer ~1 s,
   eqprop_jax ~15 s; cap 60 s.
 - `dchn`: rain DCHN 128-256-512-512 at CIFAR shape, 60 / 15x2, batch 128; 1 step;
-  peer ~130 s (warm-up + 1 step at 63 s), eqprop_jax minutes per step; cap 180 s.
+  peer ~130 s (warm-up + 1 step at 63 s), eqprop_jax ~145 s (compile 5 s, warm-up +
+  1 step at ~67 s; measured loaded, 2026-12-01); cap 240 s.
 - `vgg-ldrl`: scalingDTP L-DRL SimpleVGG, K 20/30/35/55/20, batch 16; 2 steps; peer
   ~20 s (one harness run gives both SimpleVGG rows), eqprop_jax ~140 s compile; cap 150 s.
 - `vgg-bp`: SimpleVGG plain backprop, batch 16; 5 steps; peer in the same run,
   eqprop_jax ~20 s; cap 60 s.
 
-With every row, at most about 15-16 minutes (`--cap-scale` scales every cap).
+All rows: 684 s on 2026-12-01 with the machine loaded (load 5-7), where the three
+heavy peers were stopped at their caps (PyTorch with 2 threads collapses when another
+process holds a core); about 7-10 minutes expected idle; at most 24 minutes if every
+side ran to its cap (`--cap-scale` scales every cap). `--torch-threads N` sets
+OMP_NUM_THREADS for the peers (the README's advice on a machine that cannot be idle;
+the eqprop_jax side keeps XLA's default thread pool, so say so beside such figures).
 
 Each row also gives examples/s as a fraction of the float32 matmul rate measured at
 the start of the same run (`_timing.matmul_gflops`, 1024², 256² with `--quick`; per
@@ -113,7 +119,7 @@ ROWS: dict[str, Spec] = {
         "rain DCHN 128-256-512-512 at CIFAR shape, 60 / 15x2, batch 128",
         128,
         1,
-        180,
+        240,
         ("rain", "rain_step.py", "dchn"),
         "peer rain-dchn",
     ),
@@ -283,6 +289,8 @@ def run_peer_side(r: Result, spec: Spec, args, steps: int, cache: dict) -> None:
     key = tuple(cmd)
     if key not in cache:  # one scalingDTP run gives both SimpleVGG rows
         env = dict(os.environ, MPLBACKEND="Agg")
+        if args.torch_threads:
+            env["OMP_NUM_THREADS"] = str(args.torch_threads)
         cache[key] = _run(cmd, spec.cap_s * args.cap_scale, env)
     out, note, r.peer_wall_s = cache[key]
     r.peer_note = note
@@ -294,7 +302,7 @@ def run_peer_side(r: Result, spec: Spec, args, steps: int, cache: dict) -> None:
             r.peer_eps = float(m.group(1)) if m else None
             t = re.search(r"threads=(\d+)", line)
             if t:
-                args.torch_threads.add(int(t.group(1)))
+                args.threads_seen.add(int(t.group(1)))
             b = re.search(r"batch=(\d+)", line)
             if b:
                 r.extra.append(f"peer batch {b.group(1)}")
@@ -359,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--harnesses", default=os.environ.get("EQP_PEER_HARNESSES", "/work/shared/peers")
     )
     p.add_argument("--no-peers", action="store_true", help="time the eqprop_jax side only")
+    p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for the peers")
     p.add_argument("--cap-scale", type=float, default=1.0, help="multiply every row's cap")
     p.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     p.add_argument("--_jax-row", dest="jax_row", default=None, help=argparse.SUPPRESS)
@@ -379,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     mm = 256 if args.quick else 1024
     gflops = matmul_gflops(mm, mm, mm, min_time=0.1 if args.quick else 0.3)[0]
     print(f"float32 {mm}² matmul: {gflops:.0f} GFLOP/s (best wall)", flush=True)
-    args.torch_threads = set()
+    args.threads_seen = set()
     results, cache = [], {}
     for name in args.rows:
         spec = ROWS[name]
@@ -397,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = lambda la: " ".join(f"{x:.2f}" for x in la)  # noqa: E731
-    threads = ", ".join(map(str, sorted(args.torch_threads))) or "— (no peer ran)"
+    threads = ", ".join(map(str, sorted(args.threads_seen))) or "— (no peer ran)"
     text = "\n".join(
         [
             f"## Side by side with the peers ({now})",
