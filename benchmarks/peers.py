@@ -333,6 +333,8 @@ def table(results: list[Result], gflops: float | None) -> str:
     for r in results:
         ratio = r.jax_eps / r.peer_eps if r.jax_eps is not None and r.peer_eps else None
         flop = r.jax["flop_per_example"] if r.jax else None
+        toy = bool(r.jax) and r.jax["batch"] != ROWS[r.name].batch
+        peer_pct = "—" if toy else _pct(r.peer_eps, flop, gflops)  # the work model is the toy's
         notes = [
             n
             for n in (
@@ -342,12 +344,12 @@ def table(results: list[Result], gflops: float | None) -> str:
             if n
         ]
         notes += r.extra
-        if r.jax and r.jax["batch"] != ROWS[r.name].batch:
+        if toy:
             notes.append(f"eqprop_jax at toy size: {r.jax['settings']}, batch {r.jax['batch']}")
         lines.append(
             f"| {r.label} | {_f(r.peer_eps)} | {_f(r.jax_eps)} | {_f(ratio, '{:.2f}x')} "
             f"| {_f(r.jax and r.jax['compile_s'])} | {_f(r.jax and r.jax['cpu_s'], '{:.3g}')} "
-            f"| {_pct(r.peer_eps, flop, gflops)} | {_pct(r.jax_eps, flop, gflops)} "
+            f"| {peer_pct} | {_pct(r.jax_eps, flop, gflops)} "
             f"| {r.load_before:.2f} / {r.load_after:.2f} "
             f"| {r.peer_wall_s:.0f} / {r.jax_wall_s:.0f} | {'; '.join(notes)} |"
         )

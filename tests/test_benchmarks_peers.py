@@ -69,11 +69,10 @@ def test_peers_quick_table(tmp_path):
     # The table's ratio is the two rounded rates' quotient, to its 2 decimals.
     ratio = _num(mlp["eqprop_jax / peer"])
     assert abs(ratio - jax_eps / PEER_EPS) <= 0.01 + 1e-3 * ratio
-    # Both sides have a work model here, so both fractions of the matmul rate; the
-    # peer's fraction over eqprop_jax's is the ratio of their examples/s.
-    peer_pct, jax_pct = _num(mlp["peer % of matmul rate"]), _num(mlp["eqprop_jax % of matmul rate"])
-    assert 0 < peer_pct < 100 and 0 < jax_pct < 100
-    assert abs(jax_pct / peer_pct - jax_eps / PEER_EPS) <= 0.1 * jax_eps / PEER_EPS
+    # A fraction of the matmul rate comes from eqprop_jax's work model; at toy size it
+    # does not describe the peer's network, so the peer's cell is left empty.
+    assert 0 < _num(mlp["eqprop_jax % of matmul rate"]) < 100
+    assert mlp["peer % of matmul rate"] == "—" and "toy size" in mlp["note"]
 
     assert dhn["peer examples/s"] == "—" and dhn["eqprop_jax / peer"] == "—"
     assert "skipped: absent" in dhn["note"] and str(peers / "rain") in dhn["note"]
