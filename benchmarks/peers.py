@@ -192,7 +192,7 @@ def jax_row(name: str, steps: int, quick: bool) -> dict:
         shape = getattr(model, "in_shape", None) or (784,)
         x = jax.random.uniform(kx, (batch, *shape), f32)
         y = jax.random.randint(ky, (batch,), 0, 10)
-        step, state = gpu.ep_step(model, est, opt)
+        step, state = gpu.train_step(model, est, opt)
         args = (*state, x, y)
         phases = 1 if est.variant == "positive" else 2
         relax = est.free_steps + phases * est.nudged_steps
