@@ -29,6 +29,7 @@ from jax.flatten_util import ravel_pytree
 
 import eqprop_jax as eqp
 
+from .adjoints import IMPLICIT, ITERATIVE, NEUMANN_K
 from .compiled import once
 
 SOLVERS = {
@@ -477,15 +478,7 @@ GRAD_CASES = [
     GradCase("affine_broyden", _affine, jnp.zeros(200), AFFINE,
              translated(eqp.Broyden, 1e-6, jnp.zeros(200), 100), _affine_vjp, 0.5),
 ]
-NEUMANN_K = 10
-ADJOINTS = {
-    "implicit": eqp.Implicit(),
-    "implicit_gmres": eqp.Implicit(eqp.GMRES()),
-    "implicit_normal_cg": eqp.Implicit(eqp.NormalCG()),
-    "almeida_pineda": eqp.AlmeidaPineda(),
-    "neumann": eqp.Neumann(NEUMANN_K),
-    "unrolled": eqp.Unrolled(),
-}
+ADJOINTS = {**IMPLICIT, **ITERATIVE, "unrolled": eqp.Unrolled()}
 
 
 # The implicit derivative does not depend on the solver that found z*, so the

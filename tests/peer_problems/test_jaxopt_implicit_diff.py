@@ -23,6 +23,7 @@ import pytest
 
 import eqprop_jax as eqp
 
+from .adjoints import IMPLICIT, ITERATIVE
 from .compiled import once
 
 LAM = 5.0
@@ -58,12 +59,6 @@ def exact_jacobian():
     return jax.jacfwd(ridge_solver, argnums=1)(None, LAM, X, Y)
 
 
-IMPLICIT = {
-    "implicit": eqp.Implicit(),
-    "implicit_gmres": eqp.Implicit(eqp.GMRES()),
-    "implicit_normal_cg": eqp.Implicit(eqp.NormalCG()),
-}
-ITERATIVE = {"almeida_pineda": eqp.AlmeidaPineda(), "neumann": eqp.Neumann(10)}
 ADJOINTS = {**IMPLICIT, **ITERATIVE}
 EXPANSIVE = "ρ(∂T/∂x) ≈ 5 here; AlmeidaPineda and Neumann need ρ < 1 (documented)"
 

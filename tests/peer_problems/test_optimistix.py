@@ -28,6 +28,7 @@ from jax.flatten_util import ravel_pytree
 import eqprop_jax as eqp
 
 from . import dense
+from .adjoints import IMPLICIT, ITERATIVE, NEUMANN_K
 from .compiled import fast_compile, once
 from .optimistix_problems import IDS, PROBLEMS
 
@@ -41,15 +42,7 @@ SOLVERS = {
     "chord": eqp.Chord(tol=TOL, max_steps=MAX_STEPS),
 }
 ROOT_FINDERS = ("newton", "chord")  # optimistix's `_root_finders`
-NEUMANN_K = 10
-ADJOINTS = {
-    "implicit": eqp.Implicit(),
-    "implicit_gmres": eqp.Implicit(eqp.GMRES()),
-    "implicit_normal_cg": eqp.Implicit(eqp.NormalCG()),
-    "almeida_pineda": eqp.AlmeidaPineda(),
-    "neumann": eqp.Neumann(NEUMANN_K),
-    "unrolled_forward": eqp.Unrolled(mode="forward"),
-}
+ADJOINTS = {**IMPLICIT, **ITERATIVE, "unrolled_forward": eqp.Unrolled(mode="forward")}
 # optimistix runs its jvp test in complex128 with ImplicitAdjoint and a forward-mode
 # `lax.while_loop` adjoint; so do we.
 COMPLEX_ADJOINTS = ("implicit", "unrolled_forward")
