@@ -10,7 +10,12 @@ from helpers import rel_err
 
 import eqprop_jax as eqp
 from eqprop_jax.estimators.resistive_ep import ResistiveEP
-from eqprop_jax.models.resistive import ResistiveNetwork, clip_conductances, local_ep_gradient
+from eqprop_jax.models.resistive import (
+    ResistiveNetwork,
+    batch_local_ep_gradient,
+    clip_conductances,
+    local_ep_gradient,
+)
 
 SIZES = (5, 8, 6, 3)  # two hidden layers: the sweep alternates three free layers
 
@@ -220,6 +225,78 @@ def test_local_rule_equals_generic_ep():
     local = local_ep_gradient(model, x, s1, s2, -beta, beta)
     assert jax.tree_util.tree_structure(local) == jax.tree_util.tree_structure(theta(model))
     assert rel_err(local, g) < 1e-12
+
+
+def drops_written_out(model, x, s1, s2, b1, b2):
+    """ĝ_ij = [(ΔV_ij²)² − (ΔV_ij¹)²] / (2(β2 − β1)) per conductance, in float64 numpy."""
+    vin = np.asarray(model.input_voltages(x))
+    vb = model.bias_voltage
+    pre1 = [vin, *map(np.asarray, s1[:-1])]
+    pre2 = [vin, *map(np.asarray, s2[:-1])]
+    c = 1.0 / (2 * (b2 - b1))
+    gw = [
+        c * ((a2[:, None] - v2[None]) ** 2 - (a1[:, None] - v1[None]) ** 2)
+        for a1, a2, v1, v2 in zip(pre1, pre2, map(np.asarray, s1), map(np.asarray, s2), strict=True)
+    ]
+    gb = [
+        c * np.stack([(v2 - vb) ** 2 - (v1 - vb) ** 2, (v2 + vb) ** 2 - (v1 + vb) ** 2])
+        for v1, v2 in zip(map(np.asarray, s1), map(np.asarray, s2), strict=True)
+    ]
+    return gw, gb
+
+
+def test_batch_local_rule_is_the_mean_of_the_drops_written_out():
+    model = make(diodes=True, seed=11)
+    beta = 0.5
+    xs, s1s, s2s = [], [], []
+    for seed in range(3):
+        x, y = example(model, seed=20 + seed)
+        xs.append(x)
+        s1s.append(solve(model, x, y, -beta))
+        s2s.append(solve(model, x, y, beta))
+    per = [
+        drops_written_out(model, x, a, b, -beta, beta)
+        for x, a, b in zip(xs, s1s, s2s, strict=True)
+    ]
+    stack = lambda ss: tuple(jnp.stack(layer) for layer in zip(*ss, strict=True))  # noqa: E731
+    g = batch_local_ep_gradient(model, jnp.stack(xs), stack(s1s), stack(s2s), -beta, beta)
+    for k in range(len(model.weights)):
+        want_w = np.mean([p[0][k] for p in per], axis=0)
+        want_b = np.mean([p[1][k] for p in per], axis=0)
+        np.testing.assert_allclose(g.weights[k], want_w, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(g.biases[k], want_b, rtol=1e-10, atol=1e-12)
+
+
+def test_energy_gradient_equals_the_broadcast_form():
+    """The energy's derivatives come from an expanded form (three matrix products under
+    a batch); its value and gradients must equal those of ½ Σ g (u_i − v_j)² as written."""
+    model = make(diodes=False, seed=12)
+    x, y = example(model, seed=13)
+    s = solve(model, x, y, 0.3)
+
+    def written_out(weights, s):
+        layers = (model.input_voltages(x), *s)
+        p = sum(
+            0.5 * jnp.sum(g * (u[:, None] - v[None, :]) ** 2)
+            for g, u, v in zip(weights, layers[:-1], layers[1:], strict=True)
+        )
+        vb = model.bias_voltage
+        return p + sum(
+            0.5 * jnp.sum(b[0] * (v - vb) ** 2 + b[1] * (v + vb) ** 2)
+            for b, v in zip(model.biases, s, strict=True)
+        )
+
+    def ours(weights, s):
+        return eqx.tree_at(lambda m: m.weights, model, weights).energy(s, x)
+
+    w = tuple(model.weights)
+    np.testing.assert_allclose(ours(w, s), written_out(w, s), rtol=1e-13)
+    for argnum in (0, 1):
+        got = jax.grad(ours, argnum)(w, s)
+        want = jax.grad(written_out, argnum)(w, s)
+        leaves = jax.tree_util.tree_leaves
+        for a, b in zip(leaves(got), leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_sign_of_local_update_lowers_the_loss():

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..models.resistive import ResistiveNetwork, local_ep_gradient
+from ..models.resistive import ResistiveNetwork, batch_local_ep_gradient
 from .base import Estimator
 from .checks import check_batch, check_beta, check_steps, check_variant, checked_beta
 from .phases import TWO_POINT, finish, nudge_points, phase_solver, relax_nudges, state_dtype
@@ -82,6 +82,5 @@ class ResistiveEP(Estimator):
         s1, s2 = (
             jax.tree_util.tree_map(lambda a, p=p: a[:, p], nudges.states(phases)) for p in (0, 1)
         )
-        grads = jax.vmap(lambda xi, u, v: local_ep_gradient(model, xi, u, v, b1, b2))(x, s1, s2)
-        grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+        grads = batch_local_ep_gradient(model, x, s1, s2, b1, b2)
         return finish(model, phases, y, grads)

@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from ..equilibrium import Solution
@@ -85,6 +86,26 @@ def _pinv_apply(s: Any, w: Any, xp: Any) -> Any:
     keep = lam > s.shape[0] * xp.finfo(lam.dtype).eps * xp.max(xp.abs(lam))
     inv = xp.where(keep, 1.0 / xp.where(keep, lam, 1.0), 0.0)
     return q @ (inv[:, None] * (q.T @ w))
+
+
+def _pair_power(g: Array, u: Array, v: Array) -> Array:
+    r"""½ Σ_ij g_ij (u_i − v_j)², the power in the conductances between two layers.
+
+    The value is computed as written; its derivatives come from the expansion
+
+        ½ Σ_i u_i² (g 1)_i + ½ Σ_j (1ᵀ g)_j v_j² − uᵀ g v,
+
+    whose gradient in g, ½ u² 1ᵀ + ½ 1 v²ᵀ − u vᵀ, summed over a batch (and EP's
+    nudge points) is three matrix products. Differentiating the broadcast form
+    instead makes XLA:CPU reduce a (batch, points, n_pre, n_post) array: 6 ms of a
+    DRN-XS step's 6.4 at batch 4 (784x2-100-10x2), against 0.02 ms for the
+    products, and it sums 1.25M float32 terms where the products sum 8. On that
+    net's centered EP gradient (input gain 100 and 480) the expansion's float32 error
+    to a float64 reference was 2.5e-5 against 2.9e-3 for the broadcast form.
+    """
+    exact = 0.5 * jnp.sum(g * (u[:, None] - v[None, :]) ** 2)
+    expanded = 0.5 * (u**2 @ jnp.sum(g, axis=1) + jnp.sum(g, axis=0) @ v**2) - u @ g @ v
+    return expanded + lax.stop_gradient(exact - expanded)
 
 
 def output_conductance_matrix(
@@ -463,7 +484,7 @@ class ResistiveNetwork(AbstractEnergyModel):
         layers = (self.input_voltages(x), *s)
         p = 0.0
         for g, v_pre, v_post in zip(self.weights, layers[:-1], layers[1:], strict=True):
-            p = p + 0.5 * jnp.sum(g * (v_pre[:, None] - v_post[None, :]) ** 2)
+            p = p + _pair_power(g, v_pre, v_post)
         vb = self.bias_voltage
         for b, v in zip(self.biases, s, strict=True):
             p = p + 0.5 * jnp.sum(b[0] * (v - vb) ** 2 + b[1] * (v + vb) ** 2)
@@ -604,18 +625,48 @@ def local_ep_gradient(
     Returns a model-shaped pytree (as `eqx.filter(model, eqx.is_inexact_array)`,
     for one example) whose `weights` and `biases` hold ĝ.
     """
-    vin = model.input_voltages(x)
+    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], (x, tuple(s1), tuple(s2)))
+    return batch_local_ep_gradient(model, *one, beta1, beta2)
+
+
+def batch_local_ep_gradient(
+    model: ResistiveNetwork,
+    x: Float[Array, "batch n_in"],
+    s1: Sequence[Array],
+    s2: Sequence[Array],
+    beta1: Any,
+    beta2: Any,
+) -> ResistiveNetwork:
+    r"""The batch mean of [`local_ep_gradient`][] (states with a leading batch axis).
+
+    Per conductance the product of the two factors expands into
+
+        (δa_i − δb_j)(σa_i − σb_j) = δa_i σa_i + δb_j σb_j − δa_i σb_j − σa_i δb_j,
+
+    (δ the change of a node's voltage between the phases, σ its sum), so the batch
+    mean is two vectors and two matrix products, each term already of the size of
+    the result (no difference of large squares). Averaging the per-example (n_pre,
+    n_post) products instead makes XLA:CPU reduce a (batch, n_pre, n_post) array
+    at a few GFLOP/s: 6 ms of a 784x2-100-10x2 step at batch 4, against 0.05 ms.
+    """
+    vin = jax.vmap(model.input_voltages)(x)
     vb = model.bias_voltage
+    n = x.shape[0]
     scale = 1.0 / (2 * (beta2 - beta1))
     pre1, pre2 = (vin, *s1[:-1]), (vin, *s2[:-1])
+
+    def weight_term(a1, a2, b1, b2):
+        da, sa, db, sb = a2 - a1, a2 + a1, b2 - b1, b2 + b1
+        cross = (da.T @ sb + sa.T @ db) / n
+        return scale * (
+            jnp.mean(da * sa, axis=0)[:, None] + jnp.mean(db * sb, axis=0)[None, :] - cross
+        )
+
     gw = tuple(
-        scale
-        * ((a2 - a1)[:, None] - (b2 - b1)[None, :])
-        * ((a2 + a1)[:, None] - (b2 + b1)[None, :])
-        for a1, a2, b1, b2 in zip(pre1, pre2, s1, s2, strict=True)
+        weight_term(a1, a2, b1, b2) for a1, a2, b1, b2 in zip(pre1, pre2, s1, s2, strict=True)
     )
     gb = tuple(
-        scale * (v2 - v1) * jnp.stack([v2 + v1 - 2 * vb, v2 + v1 + 2 * vb])
+        scale * jnp.mean((v2 - v1)[:, None] * jnp.stack([v2 + v1 - 2 * vb, v2 + v1 + 2 * vb], 1), 0)
         for v1, v2 in zip(s1, s2, strict=True)
     )
     grads = eqx.filter(model, eqx.is_inexact_array)
