@@ -63,3 +63,33 @@ def test_resistive_benchmark_at_toy_size(monkeypatch):
     assert (hidden, batch) == (8, 2) and compile_s > 0 and ms > 0 and cpu_ms > 0
     assert math.isclose(us_per_example, 1e3 * ms / batch)
     assert "/" in free and "/" in nudged  # mean/max sweeps to converge
+
+
+def test_walls_pmlp_floor_is_the_same_ep_update_as_the_library(monkeypatch):
+    """The hand-written P-MLP step that `benchmarks/walls.py` times as XLA's floor must
+    do the library's arithmetic: one step from the same weights gives the same weights."""
+    walls = load_source("benchmarks", "walls", monkeypatch)
+    timing = load_source("benchmarks", "_timing", monkeypatch)
+    model = eqp.HopfieldMLP(
+        (6, 5, 3), dynamics="prototypical", activation="sigmoid4", key=jax.random.PRNGKey(0)
+    )
+    est = eqp.EquilibriumProp(beta=0.1, variant="positive", free_steps=20, nudged_steps=5)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 6))
+    y = jnp.array([0, 2, 1, 2])
+    opt = optax.sgd(0.5)
+    step, (params, opt_state) = timing.train_step(model, est, opt)
+    new = jax.jit(step)(params, opt_state, x, y)[0]
+    f_step, p, s = walls.pmlp_floor_step(model, 4, 20, 5, 0.1, opt)
+    got = jax.jit(f_step)(p, s, x, y)[0]
+    for a, b in zip(new.weights + new.biases, (got["w1"], got["w2"], got["b1"], got["b2"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_walls_runs_at_toy_size(monkeypatch):
+    walls = load_source("benchmarks", "walls", monkeypatch)
+    with jax.enable_x64(False):
+        res = walls.main(["--quick", "--sections", "p-mlp", "conv", "--runs", "2"])
+    assert res["p-mlp"]["library_ms"] > 0 and res["p-mlp"]["floor_ms"] > 0
+    (row,) = res["conv"]["rows"]
+    assert all(v > 0 for v in (*row["xla_nchw_ms"], *row["xla_nhwc_ms"], *row["library_ms"]))
