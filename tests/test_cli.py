@@ -24,6 +24,7 @@ def test_every_paper_preset_is_registered():
         "ernoult2019-pconv",
         "laborieux2021-cifar10",
         "scellier2024-drn-xs",
+        "scellier2024-drn-1h",
         "ernoult2022-ldrl-cifar10",
     ):
         assert get_preset(name).name == name
