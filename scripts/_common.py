@@ -92,6 +92,7 @@ def fit_by_epoch(
     after_epoch: Callable[[TrainResult], dict] | None = None,
     budget_s: float | None = None,
     start_epoch: int = 1,
+    resume: bool = False,
     run_info: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[TrainResult, list[dict]]:
@@ -104,7 +105,8 @@ def fit_by_epoch(
     the next one would end past `budget_s` seconds. The optimiser (`optimizer`, or
     else the one `config` describes) is built once for the whole run, so a schedule
     spans all `config.epochs`, not each call's.
-    With `start_epoch` > 1 the run continues from the checkpoint in `out_dir`.
+    With `start_epoch` > 1 (or `resume`, for a checkpoint written part-way through
+    epoch 1) the run continues from the checkpoint in `out_dir`.
     Returns the last `TrainResult` and one row per epoch run here (fit's metrics and
     `after_epoch`'s).
     """
@@ -136,7 +138,7 @@ def fit_by_epoch(
                 cfg,
                 optimizer=optimizer,
                 out_dir=folder,
-                resume=epoch > 1,
+                resume=resume or epoch > 1,
                 run_info=run_info,
                 log=quiet,
             )

@@ -310,6 +310,64 @@ def _head_numpy(net, n, s):
     return s
 
 
+def test_dtp_alignment_angles_against_a_direct_float64_computation():
+    # Tanh MLP 4-6-5-3 (feedback G_n(s) = V_n s + c_n, random V), batch 5, in numpy:
+    # BP gradient, DTP update (linear difference rule) and Gauss–Newton target update
+    # ΔW_n = mean_b (Δs_n ⊙ f'(a_n)) s_{n−1}ᵀ with Δs_n = J_nᵀ(J_n J_nᵀ + λI)⁻¹ e,
+    # J_n = ∂s_N/∂s_n by the chain rule, e = softmax(s_N) − onehot(y).
+    net = LayeredNet.mlp([4, 6, 5, 3], key=KEY)
+    x, y = _data(jax.random.PRNGKey(3), 5, (4,), 3)
+    beta, lam = 0.1, 1e-3
+    diag = dtp_alignment(net, x, y, beta=beta, gn_damping=lam)
+    W = [np.asarray(f.weight, np.float64) for f in net.forward]
+    b = [np.asarray(f.bias, np.float64) for f in net.forward]
+    V = [np.asarray(g.weight, np.float64) for g in net.feedback]
+    n_layers = len(W)
+    grads = {"bp": [[0, 0] for _ in W], "dtp": [[0, 0] for _ in W], "gn": [[0, 0] for _ in W]}
+    for xb, yb in zip(np.asarray(x, np.float64), np.asarray(y), strict=True):
+        s, d = [xb], []  # states s_0..s_N, derivatives f'(a_n)
+        for n in range(n_layers):
+            a = W[n] @ s[-1] + b[n]
+            last = n == n_layers - 1
+            s.append(a if last else np.tanh(a))
+            d.append(np.ones_like(a) if last else 1 - np.tanh(a) ** 2)
+        p = np.exp(s[-1] - s[-1].max())
+        e = p / p.sum() - np.eye(3)[yb]
+        jac = [None] * (n_layers + 1)  # jac[n] = ∂s_N/∂s_n
+        jac[n_layers] = np.eye(3)
+        for n in range(n_layers - 1, 0, -1):
+            jac[n] = jac[n + 1] @ (d[n][:, None] * W[n])
+        t = [None] * (n_layers + 1)
+        t[n_layers] = s[n_layers] - beta * e
+        for n in range(n_layers, 1, -1):
+            t[n - 1] = s[n - 1] + V[n - 2] @ (t[n] - s[n])
+        for n in range(1, n_layers + 1):
+            j = jac[n]
+            deltas = {
+                "bp": j.T @ e,
+                "dtp": (s[n] - t[n]) / beta,
+                "gn": j.T @ np.linalg.solve(j @ j.T + lam * np.eye(3), e),
+            }
+            for k, delta in deltas.items():
+                u = delta * d[n - 1]
+                grads[k][n - 1][0] = grads[k][n - 1][0] + np.outer(u, s[n - 1]) / len(x)
+                grads[k][n - 1][1] = grads[k][n - 1][1] + u / len(x)
+
+    def angle(k1, k2, n):
+        a = np.concatenate([g.ravel() for g in grads[k1][n]])
+        r = np.concatenate([g.ravel() for g in grads[k2][n]])
+        return np.degrees(np.arccos(np.clip(a @ r / np.linalg.norm(a) / np.linalg.norm(r), -1, 1)))
+
+    for key, (k1, k2) in {
+        "update_angle": ("dtp", "bp"),
+        "gn_angle": ("dtp", "gn"),
+        "gn_bp_angle": ("gn", "bp"),
+    }.items():
+        want = [angle(k1, k2, n) for n in range(n_layers)]
+        assert np.all(np.asarray(want[:-1]) > 1.0), (key, want)  # not a trivial 0 = 0
+        np.testing.assert_allclose(diag[key], want, atol=1e-5, err_msg=key)
+
+
 def test_dtp_alignment_diagnostics():
     net = _with_transposed_feedback(LayeredNet.mlp([5, 6, 6, 3], key=KEY, activation=_identity))
     x, y = _data(KEY, 8, (5,), 3)

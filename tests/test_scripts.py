@@ -2,6 +2,7 @@
 epoch-by-epoch driver (`scripts/_common.py`) against one `fit` call, and smoke runs of
 `ep_mnist_p1h.py`, `drn_mnist.py` and `dtp_mnist.py` on random data at tiny sizes."""
 
+import json
 import math
 
 import equinox as eqx
@@ -95,16 +96,82 @@ def test_drn_mnist_smoke(monkeypatch):
 
 def test_dtp_mnist_smoke(monkeypatch, tmp_path):
     script = load_source("scripts", "dtp_mnist", monkeypatch)
-    out = tmp_path / "dtp.md"
+    out, root = tmp_path / "dtp.md", tmp_path / "runs"
+    argv = (
+        "--smoke --arch mlp --epochs 1 --batch 8 --train-size 16 --test-size 8 --fb-steps 1"
+        f" --out-root {root} --out {out}"
+    ).split()
     with jax.enable_x64(False):
-        rows = script.main(
-            "--smoke --arch mlp --epochs 1 --batch 8 --train-size 16 --test-size 8 --fb-steps 1"
-            " --out".split()
-            + [str(out)]
-        )
-    assert [(a, m) for a, m, _ in rows] == [("mlp", "ldrl"), ("mlp", "bp")]
-    ldrl = rows[0][2][-1]
-    assert len(ldrl["weight_angle"]) == 3 and np.isnan(ldrl["weight_angle"][0])
-    assert np.all(np.isfinite(ldrl["weight_angle"][1:]))
+        folders = script.main(argv)
+    assert [f.name for f in folders] == ["mnist-mlp-ldrl", "mnist-mlp-bp"]
+    for folder in folders:
+        assert {"metrics.jsonl", "curves.png", "angles.jsonl", "angles.png", "checkpoint.npz"} <= {
+            p.name for p in folder.iterdir()
+        }
+        rows = [json.loads(line) for line in (folder / "angles.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [0, 1]  # before training, after epoch 1
+        for r in rows:
+            for key in ("update_to_bp", "update_to_gn", "gn_to_bp"):
+                a = np.asarray(r[key], float)
+                assert a.shape == (3,) and np.all(np.isfinite(a)), (key, a)
+                assert np.all((a >= 0) & (a <= 180)), (key, a)
+    ldrl = [json.loads(line) for line in (folders[0] / "angles.jsonl").read_text().splitlines()]
+    # Layer 1 has no feedback weight; G_2, G_3 are compared with W_2ᵀ, W_3ᵀ.
+    assert ldrl[-1]["weight_to_transpose"][0] is None
+    w = np.asarray(ldrl[-1]["weight_to_transpose"][1:], float)
+    assert np.all(np.isfinite(w)) and np.all((w >= 0) & (w <= 180))
+    # The top layer's DTP update is backprop's gradient, at any β.
+    assert ldrl[-1]["update_to_bp"][-1] < 1e-2 and ldrl[-1]["small_beta_to_bp"][-1] < 1e-2
     text = out.read_text()
-    assert "| mlp | ldrl |" in text and "| mlp | bp |" in text
+    assert "| mnist | mlp | ldrl | 1/1 |" in text and "| mnist | mlp | bp | 1/1 |" in text
+    # A finished run is not redone; without --resume an existing run is refused.
+    with jax.enable_x64(False):
+        script.main(argv + ["--resume", "--method", "ldrl"])
+        with pytest.raises(SystemExit, match="--resume"):
+            script.main(argv + ["--method", "bp"])
+
+
+def test_dtp_mnist_resumes_without_a_second_warm_up(monkeypatch, tmp_path):
+    script = load_source("scripts", "dtp_mnist", monkeypatch)
+    argv = (
+        "--smoke --arch mlp --method ldrl --epochs 2 --batch 8 --train-size 16 --test-size 8"
+        f" --fb-steps 1 --out-root {tmp_path}"
+    ).split()
+    plot = script.plot_angles
+
+    def killed_after_epoch_1(rows, path, title=""):
+        plot(rows, path, title)
+        if rows[-1]["epoch"] == 1:
+            raise KeyboardInterrupt  # after epoch 1's checkpoint and angles
+
+    monkeypatch.setattr(script, "plot_angles", killed_after_epoch_1)
+    with jax.enable_x64(False), pytest.raises(KeyboardInterrupt):
+        script.main(argv)
+    monkeypatch.setattr(script, "plot_angles", plot)
+    # As if killed between the checkpoint of epoch 1 and its angles row: the resumed run
+    # measures the checkpointed model again, and finds the same angles.
+    angles = tmp_path / "mnist-mlp-ldrl" / "angles.jsonl"
+    lines = angles.read_text().splitlines()
+    angles.write_text(lines[0] + "\n")
+
+    def no_warm_up(*_, **__):
+        raise AssertionError("the feedback warm-up ran again on resume")
+
+    monkeypatch.setattr(script, "warm_up_feedback", no_warm_up)
+    with jax.enable_x64(False):
+        with pytest.raises(SystemExit, match="other settings"):
+            script.main(argv[:-2] + ["--lr", "0.01", "--resume"] + argv[-2:])
+        (folder,) = script.main(argv + ["--resume"])
+    read = lambda name: [json.loads(s) for s in (folder / name).read_text().splitlines()]
+    rows = read("angles.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    before = json.loads(lines[1])
+    assert rows[1].keys() == before.keys()
+    for key, value in before.items():
+        if isinstance(value, list):  # per-layer angles (None: layer 1 has no feedback)
+            value = [np.nan if v is None else v for v in value]
+            got = [np.nan if v is None else v for v in rows[1][key]]
+            np.testing.assert_allclose(got, value, atol=1e-3, err_msg=key)
+        else:
+            assert rows[1][key] == pytest.approx(value, abs=1e-5), key
+    assert [r["epoch"] for r in read("metrics.jsonl")] == [1, 2]

@@ -23,6 +23,7 @@ from eqprop_jax.data import epoch_order, load_digits
 from eqprop_jax.estimators import EquilibriumProp, Estimator
 from eqprop_jax.models.base import AbstractModel
 from eqprop_jax.models.hopfield import HopfieldMLP
+from eqprop_jax.models.layered import LayeredNet
 from eqprop_jax.train import (
     Checkpointer,
     CheckpointError,
@@ -43,6 +44,8 @@ from eqprop_jax.train import (
     read_info,
     save_checkpoint,
 )
+
+KEY0 = jax.random.PRNGKey(0)
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +376,26 @@ def test_kill_9_then_resume_gives_the_uninterrupted_parameters(tmp_path):
         np.testing.assert_array_equal(final[k], reference[k])
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == list(range(1, 61))
+
+
+def test_fingerprint_ignores_where_a_function_field_lives_in_memory():
+    # An activation is a static field printed as "<function f at 0x...>": a new process
+    # (a resumed run) has the same function at another address, so two distinct but
+    # identically named functions must give one fingerprint; a different function or
+    # a different shape must not.
+    def make(name):
+        def act(x):
+            return jnp.tanh(x)
+
+        act.__qualname__ = name
+        return act
+
+    build = lambda act, sizes=(4, 5, 3): LayeredNet.mlp(sizes, key=KEY0, activation=act)
+    a, b = make("act"), make("act")
+    assert a is not b
+    assert model_fingerprint(build(a))[0] == model_fingerprint(build(b))[0]
+    assert model_fingerprint(build(a))[0] != model_fingerprint(build(make("other")))[0]
+    assert model_fingerprint(build(a))[0] != model_fingerprint(build(a, (4, 6, 3)))[0]
 
 
 # -- nothing bad kept ---------------------------------------------------------------------

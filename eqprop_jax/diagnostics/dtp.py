@@ -66,7 +66,13 @@ def gauss_newton_targets(
 def gauss_newton_gradients(
     model: LayeredNet, x: Array, y: Array, beta: float = 1e-2, damping: float = 1e-3
 ) -> PyTree:
-    """(1/β)·∇_θ Σ_n ½‖F_n(s_{n−1}) − t_n^{GN}‖², batch mean: the Gauss–Newton target update."""
+    """(1/β)·∇_θ Σ_n ½‖F_n(s_{n−1}) − t_n^{GN}‖², batch mean: the Gauss–Newton target update.
+
+    With t_n^{GN} = s_n − β Δs_n ([`gauss_newton_targets`][]) and F_n(s_{n−1}) = s_n this
+    is Δs_nᵀ ∂F_n/∂θ_n, the same for every β: the update that Meulemans et al. 2020
+    (their GNT angle) and Ernoult et al. 2022 compare DTP's with. Backprop's gradient
+    is the same expression with Δs_n = J_nᵀ ∂L/∂s_N instead (no pseudo-inverse).
+    """
     states, ctxs = jax.vmap(model.activations)(x)
     targets = jax.vmap(lambda st, cs, yy: gauss_newton_targets(model, st, cs, yy, beta, damping))(
         states, ctxs, y

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ try:  # POSIX advisory locks; the kernel drops them when the process dies (even 
 except ImportError:  # pragma: no cover - not POSIX: runs are not locked
     fcntl = None
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 FORMAT = "eqprop_jax-checkpoint-1"
 CHECKPOINT = "checkpoint.npz"
 LOCK = ".lock"
@@ -41,9 +43,11 @@ def model_fingerprint(model: Any) -> tuple[str, str]:
     arrays, static = eqx.partition(model, eqx.is_array)
     leaves = jtu.tree_leaves_with_path(arrays)
     spec = [(jtu.keystr(p), tuple(a.shape), str(a.dtype)) for p, a in leaves]
-    text = (
-        f"{type(model).__module__}.{type(model).__qualname__}|{jtu.tree_structure(static)}|{spec}"
-    )
+    # Static fields that are functions (activations) print with their memory address,
+    # which differs from one process to the next: without it, a run resumed in a new
+    # process finds the same fingerprint.
+    structure = _ADDRESS.sub("", str(jtu.tree_structure(static)))
+    text = f"{type(model).__module__}.{type(model).__qualname__}|{structure}|{spec}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     n = sum(int(np.prod(s)) for _, s, _ in spec)
     shapes = ", ".join(f"{p}{list(s)}" for p, s, _ in spec[:6])
