@@ -68,9 +68,12 @@ def flat(tree) -> jax.Array:
 
 def angle_deg(g, ref) -> float:
     """The angle in degrees between two gradients (pytrees of one structure, or vectors)."""
-    g, ref = flat(g), flat(ref)
-    cos = float(g @ ref / (jnp.linalg.norm(g) * jnp.linalg.norm(ref) + 1e-30))
-    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+    # In float64, and as 2·atan2(‖u − v‖, ‖u + v‖) of the unit vectors: arccos of a
+    # float32 cosine cannot tell angles below ~0.02° from 0.
+    u = np.asarray(flat(g), np.float64)
+    v = np.asarray(flat(ref), np.float64)
+    u, v = u / (np.linalg.norm(u) + 1e-300), v / (np.linalg.norm(v) + 1e-300)
+    return float(np.degrees(2 * np.arctan2(np.linalg.norm(u - v), np.linalg.norm(u + v))))
 
 
 def machine() -> str:
