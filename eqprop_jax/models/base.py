@@ -27,6 +27,7 @@ from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver
 from ..equilibrium.solvers.picard import Picard
+from ._checks import check_classifier_input
 
 State = PyTree[Array]
 
@@ -38,7 +39,9 @@ class AbstractModel(eqx.Module):
       or float targets of that size).
     - `check_input(x, y, batched=True)`: raise a clear `ValueError` naming the problem
       if a batch (or one example) cannot be fed to the model; called eagerly, before
-      any tracing, by estimators and training.
+      any tracing, by estimators and training. A model that declares
+      `expected_input()` (the shape of one example and a hint for the message) gets
+      the standard check (shape, dtype, NaN, label range, target shape) from it.
     - `project()`: the model moved back into its admissible parameter set after an
       update (e.g. conductances >= 0); the default is the model itself.
     - `readout_fields`: the fields that hold a readout outside the numbered layers;
@@ -53,10 +56,29 @@ class AbstractModel(eqx.Module):
     def n_outputs(self) -> int:
         """The number of classes."""
 
+    def expected_input(self) -> tuple[tuple[int, ...], str] | None:
+        """(the shape of one input example, a hint appended to shape errors), or None
+        (the default) for a model that takes any input."""
+        return None
+
     def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a `ValueError` if `x`/`y` cannot be fed to this model. The default
-        accepts everything; estimators range-check integer labels against
-        `n_outputs` themselves (also under `jit`)."""
+        """Raise a `ValueError` if `x`/`y` cannot be fed to this model: input shape and
+        dtype, NaN/inf, label range or target shape, against `expected_input()`.
+        Without it everything is accepted; estimators range-check integer labels
+        against `n_outputs` themselves (also under `jit`)."""
+        spec = self.expected_input()
+        if spec is None:
+            return
+        shape, hint = spec
+        check_classifier_input(
+            type(self).__name__,
+            x,
+            y,
+            tuple(shape),
+            self.n_outputs,
+            batched=batched,
+            shape_hint=hint,
+        )
 
     def project(self):
         """The model in its admissible set (identity unless a subclass constrains it)."""

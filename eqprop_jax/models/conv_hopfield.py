@@ -18,7 +18,6 @@ from ..equilibrium.fixed_point import fixed_point
 from ..equilibrium.solvers.base import AbstractSolver
 from ..equilibrium.solvers.picard import Picard
 from ..losses import cross_entropy
-from ._checks import check_classifier_input
 from ._conv import conv2d
 from .activations import get_activation
 from .base import AbstractEnergyModel, State
@@ -311,18 +310,8 @@ class ConvHopfield(AbstractEnergyModel):
                 f"{x.shape}; methods act on one example, vmap them over a batch."
             )
 
-    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and
-        dtype, NaN, label range or target shape); estimators call it eagerly."""
-        check_classifier_input(
-            "ConvHopfield",
-            x,
-            y,
-            tuple(self.in_shape),
-            self.n_outputs,
-            batched=batched,
-            shape_hint=" (C, H, W)",
-        )
+    def expected_input(self) -> tuple[tuple[int, ...], str]:
+        return tuple(self.in_shape), " (C, H, W)"
 
     def _target(self, y: Array, dtype) -> Array:
         if jnp.issubdtype(jnp.result_type(y), jnp.integer):

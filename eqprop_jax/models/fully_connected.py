@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from ._checks import check_classifier_input
 from .activations import HOLOMORPHIC, STATE_RANGE, get_activation
 from .base import AbstractEnergyModel
 
@@ -137,18 +136,8 @@ class FullyConnectedHopfield(AbstractEnergyModel):
         """ε: `step` is one Euler step of the gradient flow ds/dt = −∂F/∂s."""
         return self.step_size
 
-    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this network (input shape
-        and dtype, NaN, label range or target shape); estimators call it eagerly."""
-        check_classifier_input(
-            "FullyConnectedHopfield",
-            x,
-            y,
-            (self.n_in,),
-            self.n_outputs,
-            batched=batched,
-            shape_hint=f" with n_in = {self.n_in}",
-        )
+    def expected_input(self) -> tuple[tuple[int, ...], str]:
+        return (self.n_in,), f" with n_in = {self.n_in}"
 
     def project(self) -> FullyConnectedHopfield:
         """The stored W replaced by its symmetric part with a zero diagonal (the matrix

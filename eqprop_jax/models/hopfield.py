@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from ._checks import check_classifier_input
 from .activations import HOLOMORPHIC, STATE_RANGE, get_activation
 from .base import AbstractEnergyModel
 
@@ -181,18 +180,8 @@ class HopfieldMLP(AbstractEnergyModel):
         """ε for gradient dynamics (s ← s − ε ∂F/∂s); None for prototypical ones."""
         return self.step_size if self.dynamics == "gradient" else None
 
-    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and
-        dtype, NaN, label range or target shape); estimators call it eagerly."""
-        check_classifier_input(
-            "HopfieldMLP",
-            x,
-            y,
-            (self.sizes[0],),
-            self.n_outputs,
-            batched=batched,
-            shape_hint=f" with n_in = {self.sizes[0]} (model sizes {self.sizes})",
-        )
+    def expected_input(self) -> tuple[tuple[int, ...], str]:
+        return (self.sizes[0],), f" with n_in = {self.sizes[0]} (model sizes {self.sizes})"
 
     # -- the energy model ----------------------------------------------------------
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import check_classifier_input
 from ._conv import conv2d
 from .base import AbstractModel
 
@@ -229,17 +228,8 @@ class LayeredNet(AbstractModel):
         """Number of classes (the size of the logits s_N)."""
         return self.shapes[-1][0]
 
-    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this net (input shape and
-        dtype, NaN, label range or target shape); estimators call it eagerly."""
-        check_classifier_input(
-            "LayeredNet",
-            x,
-            y,
-            tuple(self.input_shape),
-            self.n_outputs,
-            batched=batched,
-        )
+    def expected_input(self) -> tuple[tuple[int, ...], str]:
+        return tuple(self.input_shape), ""
 
     def activations(self, x: Array) -> tuple[list[Array], list[Any]]:
         """Forward pass of one example: ([s_0, ..., s_N], [ctx_1, ..., ctx_N])."""

@@ -24,7 +24,6 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 from ..equilibrium import Solution
 from ..equilibrium.adjoints import AbstractAdjoint
 from ..equilibrium.solvers.base import AbstractSolver
-from ._checks import check_classifier_input
 from .base import AbstractEnergyModel
 
 Interval = tuple[float, float]
@@ -444,19 +443,10 @@ class ResistiveNetwork(AbstractEnergyModel):
                 f"got shape {jnp.shape(x)}. Estimators vmap over the batch axis."
             )
 
-    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this network: input width
-        and dtype, NaN/inf voltages, label range or target shape (estimators call it
-        eagerly, before tracing)."""
-        n_in = self.layer_sizes[0]
-        check_classifier_input(
-            "ResistiveNetwork",
-            x,
-            y,
-            (n_in,),
-            self.n_outputs,
-            batched=batched,
-            shape_hint=f" (n_in = {n_in} input features; the input layer has {2 * n_in} nodes)",
+    def expected_input(self) -> tuple[tuple[int, ...], str]:
+        return (self.layer_sizes[0],), (
+            f" (n_in = {self.layer_sizes[0]} input features; the input layer has "
+            f"{2 * self.layer_sizes[0]} nodes)"
         )
 
     def check_state(self, s: Sequence[Array]) -> None:

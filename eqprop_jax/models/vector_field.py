@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from ._checks import check_classifier_input
 from .activations import get_activation
 from .base import AbstractVectorFieldModel
 
@@ -147,18 +146,8 @@ class VectorFieldMLP(AbstractVectorFieldModel):
         """The model with B_l replaced by W_lᵀ (the energy-based network it tilts)."""
         return eqx.tree_at(lambda m: m.feedback, self, tuple(w.T for w in self.weights[1:]))
 
-    def check_input(self, x: Array, y: Array | None = None, *, batched: bool = True) -> None:
-        """Raise a clear error if `x` or `y` cannot be fed to this model (input shape and
-        dtype, NaN, label range or target shape); estimators call it eagerly."""
-        check_classifier_input(
-            "VectorFieldMLP",
-            x,
-            y,
-            (self.sizes[0],),
-            self.n_outputs,
-            batched=batched,
-            shape_hint=f" with n_in = {self.sizes[0]}",
-        )
+    def expected_input(self) -> tuple[tuple[int, ...], str]:
+        return (self.sizes[0],), f" with n_in = {self.sizes[0]}"
 
     # -- dynamics ------------------------------------------------------------------
 
