@@ -4,6 +4,8 @@ epoch-by-epoch driver (`scripts/_common.py`) against one `fit` call, and smoke r
 
 import json
 import math
+import os
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -58,6 +60,9 @@ def test_fit_by_epoch_follows_the_trajectory_of_one_fit_call(common):
 def test_angle_deg_of_known_vectors(common):
     assert common.angle_deg({"a": np.array([1.0, 0.0])}, {"a": np.array([0.0, 2.0])}) == 90.0
     assert common.angle_deg(np.array([1.0, 1.0]), np.array([2.0, 2.0])) < 1e-5
+    # Below float32's arccos resolution (~0.02°): 1e-5 rad = 5.73e-4°, from float32 inputs.
+    tiny = common.angle_deg(np.array([1.0, 1e-5], np.float32), np.array([1.0, 0.0], np.float32))
+    assert math.isclose(tiny, np.degrees(1e-5), rel_tol=1e-3)
     assert abs(common.angle_deg(np.array([1.0, 0.0]), np.array([-1.0, 0.0])) - 180.0) < 1e-5
 
 
@@ -175,3 +180,23 @@ def test_dtp_mnist_resumes_without_a_second_warm_up(monkeypatch, tmp_path):
         else:
             assert rows[1][key] == pytest.approx(value, abs=1e-5), key
     assert [r["epoch"] for r in read("metrics.jsonl")] == [1, 2]
+
+
+MNIST = Path(os.environ.get("EQPROP_DATA", "/work/shared/data")) / "mnist"
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not found at {MNIST}")
+def test_cep_vf_curves_smoke(monkeypatch, tmp_path):
+    """Two C-EP steps on MNIST and the angle rows: finite, in [0, 180], none NaN (the
+    float32 reference once asked for a 1e-8 adjoint tolerance and returned NaN)."""
+    script = load_source("scripts", "cep_vf_curves", monkeypatch)
+    argv = (
+        "--method cep --epochs 1 --max-steps-per-epoch 2 --angle-batches 2 --T 5 --K 2"
+        f" --out {tmp_path}"
+    ).split()
+    with jax.enable_x64(False):
+        script.main(argv)
+    rows = [json.loads(line) for line in (tmp_path / "angles.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["angle_nonfinite"] == 0 and 0 <= r["angle_median"] <= 180
