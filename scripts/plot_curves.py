@@ -8,6 +8,8 @@ training loss) against the epoch:
         EP=/work/runs/p1h-ep-v2 BPTT=/work/runs/p1h-bptt-v2
 
 Each run is LABEL=FOLDER. A horizontal line marks --target (a test error in %).
+With --angles, a panel of the median angle to the implicit gradient per epoch, from
+each run's `angles.jsonl` (written by `scripts/cep_vf_curves.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=None, help="target test error (%%)")
     p.add_argument("--train-loss", action="store_true", help="add a panel of training loss")
     p.add_argument("--ymax", type=float, default=None, help="upper limit of the error axis (%%)")
+    p.add_argument("--angles", action="store_true", help="add a panel of angles.jsonl's angle")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ncols = 2 if args.train_loss else 1
+    ncols = 1 + bool(args.train_loss) + bool(args.angles)
+    ax_angle = None
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.0), squeeze=False)
     ax_err = axes[0, 0]
     for spec in args.runs:
@@ -53,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         ax_err.plot(epochs, err, marker=".", lw=1.2, label=f"{label} ({err[-1]:.2f}%)")
         if args.train_loss:
             axes[0, 1].plot(epochs, [r["train_loss"] for r in rows], lw=1.2, label=label)
+        if args.angles:
+            ax_angle = axes[0, ncols - 1]
+            path = Path(folder) / "angles.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            ax_angle.plot(
+                [r["epoch"] for r in rows], [r["angle_median"] for r in rows], marker=".",
+                lw=1.2, label=label,
+            )
     if args.target is not None:
         ax_err.axhline(args.target, color="grey", ls="--", lw=0.8, label=f"target {args.target}%")
     ax_err.set_xlabel("epoch")
@@ -67,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         axes[0, 1].set_yscale("log")
         axes[0, 1].grid(alpha=0.3)
         axes[0, 1].legend(fontsize=7)
+    if ax_angle is not None:
+        ax_angle.set_xlabel("epoch")
+        ax_angle.set_ylabel("angle to implicit grad. (°)")
+        ax_angle.grid(alpha=0.3)
+        ax_angle.legend(fontsize=7)
     if args.title:
         fig.suptitle(args.title, fontsize=9)
     fig.tight_layout()
