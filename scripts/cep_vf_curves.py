@@ -18,6 +18,15 @@ tight solve). Methods:
 
 Writes `metrics.jsonl` (fit's) and `angles.jsonl` (epoch, angle median/p90 over the
 batches, feedback angle for VF nets) in --out.
+
+`--eta-scan S [S ...]` (method `cep` only) trains nothing: on the net in --out's
+checkpoint (or the initial net when there is none) it measures, on the same batches,
+the angle of C-EP with every rate scaled by S to EP (same β, T, K) and to the implicit
+gradient, and writes `eta_scan.json`. C-EP's estimate tends to EP's as η → 0 (the
+weights barely move during the nudged phase); the scan shows how far the run's η is
+from that limit.
+
+    python scripts/cep_vf_curves.py --method cep --out /work/runs/cep --eta-scan 1 0.1 0.01
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from _common import angle_deg, fit_by_epoch, load_images
 
+from eqprop_jax.data import steps_per_epoch
 from eqprop_jax.equilibrium import BiCGStab, Implicit
 from eqprop_jax.equilibrium.solvers.picard import Picard
 from eqprop_jax.estimators.continual_ep import ContinualEP
@@ -42,6 +52,7 @@ from eqprop_jax.estimators.vector_field_ep import VectorFieldEP
 from eqprop_jax.models.vector_field import VectorFieldMLP
 from eqprop_jax.presets import get_preset
 from eqprop_jax.train import TrainConfig
+from eqprop_jax.train.checkpoint import load_checkpoint
 from eqprop_jax.train.optim import layer_indices, trainable
 
 
@@ -95,7 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--eta-scan",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="cep only: angles of C-EP at rates scaled by S (no training)",
+    )
     args = p.parse_args(argv)
+    if args.eta_scan and args.method != "cep":
+        raise SystemExit("--eta-scan needs --method cep.")
 
     data = load_images(args.dataset, args.data_dir).flat()
     model, est, lr = build(args, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7))
@@ -120,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return a
 
     out = Path(args.out)
+    if args.eta_scan:
+        return eta_scan(args, data, model, est, lr, picks, ref_grad, out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "angles.jsonl"
     done = len(log.read_text().splitlines()) if log.exists() else 0
@@ -171,6 +194,55 @@ def main(argv: list[str] | None = None) -> int:
         start_epoch=done,
         run_info=info,
     )
+    return 0
+
+
+def eta_scan(args, data, model, est, lr, picks, ref_grad, out: Path) -> int:
+    """Angles of C-EP at scaled rates to EP and to the implicit gradient (see --eta-scan)."""
+    where = "initial net"
+    ckpt = out / "checkpoint.npz"
+    if ckpt.exists():
+        # The checkpoint holds (model, optimiser state) of the run's own optimiser.
+        spe = steps_per_epoch(len(data.x_train), args.batch_size, args.max_steps_per_epoch)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        opt_state = cfg.optimizer_settings(spe)(params).init(params)
+        (model, _), info = load_checkpoint(ckpt, (model, opt_state))
+        where = f"{ckpt} (epoch {info.get('epoch')})"
+    ep = EquilibriumProp(beta=args.beta, variant="positive", free_steps=args.T, nudged_steps=args.K)
+    ep_grad = eqx.filter_jit(lambda m, x, y: ep(m, x, y)[1])
+    batches = [(jnp.asarray(data.x_train[b]), jnp.asarray(data.y_train[b])) for b in picks]
+    ep_g = [ep_grad(model, x, y) for x, y in batches]
+    ref_g = [ref_grad(model, x, y) for x, y in batches]
+    rows = []
+    for scale in args.eta_scan:
+        eta = jax.tree_util.tree_map(lambda r, s=scale: r * s, est.learning_rate)
+        cep = ContinualEP(beta=args.beta, learning_rate=eta, free_steps=args.T, nudged_steps=args.K)
+        cep_grad = eqx.filter_jit(lambda m, x, y, c=cep: c(m, x, y)[1])
+        to_ep, to_ref = [], []
+        for (x, y), g_ep, g_ref in zip(batches, ep_g, ref_g, strict=True):
+            g = cep_grad(model, x, y)
+            to_ep.append(angle_deg(g, g_ep))
+            to_ref.append(angle_deg(g, g_ref))
+        rows.append(
+            {
+                "scale": scale,
+                "to_ep_median": float(np.median(to_ep)),
+                "to_ep_max": float(np.max(to_ep)),
+                "to_implicit_median": float(np.median(to_ref)),
+            }
+        )
+        print(
+            f"eta x {scale:g}: C-EP to EP {rows[-1]['to_ep_median']:.3g} deg (max "
+            f"{rows[-1]['to_ep_max']:.3g}), to the implicit gradient "
+            f"{rows[-1]['to_implicit_median']:.3g} deg",
+            flush=True,
+        )
+    ep_ref = float(np.median([angle_deg(a, b) for a, b in zip(ep_g, ref_g, strict=True)]))
+    print(f"EP to the implicit gradient: {ep_ref:.3g} deg ({where})", flush=True)
+    result = {"net": where, "ep_to_implicit_median": ep_ref, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eta_scan.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

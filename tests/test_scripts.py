@@ -200,3 +200,13 @@ def test_cep_vf_curves_smoke(monkeypatch, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
         assert r["angle_nonfinite"] == 0 and 0 <= r["angle_median"] <= 180
+
+    # --eta-scan on the run's checkpoint: C-EP → EP as η → 0, and the deviation is O(η)
+    # (the weights move by O(η) during the nudged phase).
+    with jax.enable_x64(False):
+        script.main(argv + ["--eta-scan", "1", "0.1", "0.01"])
+    scan = json.loads((tmp_path / "eta_scan.json").read_text())
+    assert "epoch 1" in scan["net"]
+    to_ep = {r["scale"]: r["to_ep_median"] for r in scan["rows"]}
+    assert to_ep[1.0] > 1.0
+    assert to_ep[0.1] < 0.2 * to_ep[1.0] and to_ep[0.01] < 0.2 * to_ep[0.1]
