@@ -214,14 +214,17 @@ def eta_scan(args, data, model, est, lr, picks, ref_grad, out: Path) -> int:
     batches = [(jnp.asarray(data.x_train[b]), jnp.asarray(data.y_train[b])) for b in picks]
     ep_g = [ep_grad(model, x, y) for x, y in batches]
     ref_g = [ref_grad(model, x, y) for x, y in batches]
+    # The rates travel as arrays, so every scale runs the one compiled C-EP step.
+    cep_grad = eqx.filter_jit(lambda c, m, x, y: c(m, x, y)[1])
     rows = []
     for scale in args.eta_scan:
-        eta = jax.tree_util.tree_map(lambda r, s=scale: r * s, est.learning_rate)
+        eta = jax.tree_util.tree_map(
+            lambda r, s=scale: jnp.asarray(r * s, jnp.float32), est.learning_rate
+        )
         cep = ContinualEP(beta=args.beta, learning_rate=eta, free_steps=args.T, nudged_steps=args.K)
-        cep_grad = eqx.filter_jit(lambda m, x, y, c=cep: c(m, x, y)[1])
         to_ep, to_ref = [], []
         for (x, y), g_ep, g_ref in zip(batches, ep_g, ref_g, strict=True):
-            g = cep_grad(model, x, y)
+            g = cep_grad(cep, model, x, y)
             to_ep.append(angle_deg(g, g_ep))
             to_ref.append(angle_deg(g, g_ref))
         rows.append(
