@@ -52,7 +52,7 @@ from eqprop_jax.estimators.vector_field_ep import VectorFieldEP
 from eqprop_jax.models.vector_field import VectorFieldMLP
 from eqprop_jax.presets import get_preset
 from eqprop_jax.train import TrainConfig
-from eqprop_jax.train.checkpoint import load_checkpoint
+from eqprop_jax.train.checkpoint import CHECKPOINT, load_checkpoint
 from eqprop_jax.train.optim import layer_indices, trainable
 
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 def eta_scan(args, data, model, est, lr, picks, ref_grad, out: Path) -> int:
     """Angles of C-EP at scaled rates to EP and to the implicit gradient (see --eta-scan)."""
     where = "initial net"
-    ckpt = out / "checkpoint.npz"
+    ckpt = out / CHECKPOINT
     if ckpt.exists():
         # The checkpoint holds (model, optimiser state) of the run's own optimiser.
         spe = steps_per_epoch(len(data.x_train), args.batch_size, args.max_steps_per_epoch)
