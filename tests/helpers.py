@@ -56,9 +56,11 @@ def random_batch(x_shape, n_out, batch, seed=1):
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a Python subprocess of a test: CPU only, unbuffered, this
-    checkout first on the path, and no inherited XLA_FLAGS (pass them in `extra`)."""
+    checkout first on the path, and no inherited XLA_FLAGS but the suite's own
+    (conftest's optimisation level; pass more in `extra`)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    kept = [f for f in env.pop("XLA_FLAGS", "").split() if "backend_optimization_level" in f]
+    env["XLA_FLAGS"] = " ".join([*kept, extra.pop("XLA_FLAGS", "")]).strip()
     env.update(extra)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
