@@ -228,6 +228,38 @@ def test_signal_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path, ca
     ]
 
 
+def test_signal_during_evaluation_stops_then_resume_matches(digits, tmp_path, monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("eqprop_jax.train.evaluate")  # the package exports a function
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.3, max_steps_per_epoch=3, eval_batch_size=8)
+    ref = fit(small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "a", log=lambda s: None)
+    inner, calls = ev._eval_batch, []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == 2:  # in epoch 1's evaluation, of 40 / 8 = 5 batches
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(*args)
+
+    n_eval = len(digits.x_test) // 8
+    monkeypatch.setattr(ev, "_eval_batch", signalled)
+    with pytest.raises(Interrupted, match="SIGTERM during the evaluation at epoch 1, step 3"):
+        fit(small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "b", log=lambda s: None)
+    # Stopped after the batch the signal arrived in, not after the whole pass.
+    assert len(calls) == 2 < n_eval
+    info = read_info(tmp_path / "b" / "checkpoint.npz")
+    assert (info["epoch"], info["position"], info["step"]) == (0, 3, 3)
+    monkeypatch.setattr(ev, "_eval_batch", inner)
+    res = fit(
+        small_net(), SMALL_EP, digits, cfg, out_dir=tmp_path / "b", resume=True, log=lambda s: None
+    )
+    assert_trees_equal(params_of(res.model), params_of(ref.model))
+    timing = ("train_time_s", "epoch_time_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(res.history) == strip(ref.history)
+
+
 class Poisoned(Estimator):
     """EP whose loss turns NaN on batches holding an input value above 1.5."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -60,6 +61,16 @@ def evaluate(
     Batches have one static shape (the last one is padded and masked), so this
     compiles once. A non-finite prediction counts as wrong and makes the loss NaN.
     """
+    return _evaluate(
+        model, x, y, batch_size=batch_size, solver=solver, mesh=mesh, progress=progress
+    )
+
+
+def _evaluate(
+    model, x, y, *, batch_size, solver, mesh, progress, stop: Callable[[], bool] | None = None
+) -> dict[str, float] | None:
+    """`evaluate`, abandoned (returning None) when `stop()` turns true between batches:
+    `fit` stops within one batch of a SIGINT/SIGTERM instead of after a whole pass."""
     n = len(x)
     if n == 0 or len(y) != n:
         raise ValueError(
@@ -90,5 +101,8 @@ def evaluate(
         total_loss += float(s)
         nonfinite += int(bad)
         bar.update()
+        if stop is not None and stop():
+            bar.close()
+            return None
     bar.close()
     return {"accuracy": correct / n, "loss": total_loss / n, "nonfinite": nonfinite / n}

@@ -36,7 +36,7 @@ from .errors import (
     TrainingError,
     TrainingWarning,
 )
-from .evaluate import evaluate
+from .evaluate import _evaluate, evaluate
 from .metrics import METRICS, MetricsWriter
 from .optim import OptimizerSettings
 from .per_device import PerDevice
@@ -266,7 +266,7 @@ def fit(
             for _ in range(state.epoch, config.epochs):
                 t_epoch = time.perf_counter()
                 _train_epoch(run, state, ckpt, signals)
-                row = _epoch_row(run, state, t_epoch)
+                row = _epoch_row(run, state, ckpt, signals, t_epoch)
                 history.append(row)
                 metrics.write(history)
                 _check_progress(run, history, ckpt)
@@ -316,18 +316,28 @@ def _train_epoch(run: _Run, state: TrainState, ckpt: Checkpointer, signals: _Sig
         bar.update(loss=float(loss))
         if signals.signum is not None:
             bar.close()
-            ckpt.save(state.arrays, _checkpoint_info(run, state))
-            where = f"; checkpoint written to {ckpt.path}" if ckpt.path is not None else ""
-            raise Interrupted(
-                f"interrupted by {signal.Signals(signals.signum).name} at epoch "
-                f"{state.epoch + 1}, step {state.step}{where} (continue with `resume=True`).",
-                signals.signum,
-            )
+            _interrupt(run, state, ckpt, signals.signum, "")
     bar.close()
 
 
-def _epoch_row(run: _Run, state: TrainState, t_epoch: float) -> dict:
-    """Evaluate, then the metrics row of the epoch that just ended (and its log line)."""
+def _interrupt(run: _Run, state: TrainState, ckpt: Checkpointer, signum: int, during: str):
+    """Checkpoint the state after the last complete step, then raise `Interrupted`."""
+    ckpt.save(state.arrays, _checkpoint_info(run, state))
+    where = f"; checkpoint written to {ckpt.path}" if ckpt.path is not None else ""
+    raise Interrupted(
+        f"interrupted by {signal.Signals(signum).name}{during} at epoch {state.epoch + 1}, "
+        f"step {state.step}{where} (continue with `resume=True`).",
+        signum,
+    )
+
+
+def _epoch_row(
+    run: _Run, state: TrainState, ckpt: Checkpointer, signals: _SignalFlag, t_epoch: float
+) -> dict:
+    """Evaluate, then the metrics row of the epoch that just ended (and its log line).
+
+    A signal during the evaluation checkpoints the end of the epoch's steps (resuming
+    evaluates again; `train_time_s` then counts the resumed process only)."""
     cfg = run.cfg
     train_time = time.perf_counter() - t_epoch
     model, mesh = state.model, run.mesh
@@ -338,7 +348,7 @@ def _epoch_row(run: _Run, state: TrainState, t_epoch: float) -> dict:
             lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, model
         )
         mesh = None
-    test = evaluate(
+    test = _evaluate(
         model,
         run.x_test,
         run.y_test,
@@ -346,7 +356,10 @@ def _epoch_row(run: _Run, state: TrainState, t_epoch: float) -> dict:
         solver=cfg.eval_solver,
         mesh=mesh,
         progress=cfg.progress and distributed.is_primary(),
+        stop=lambda: signals.signum is not None,
     )
+    if test is None:
+        _interrupt(run, state, ckpt, signals.signum, " during the evaluation")
     counts = state.take_epoch_counts()
     epoch = state.epoch + 1
     row = {
