@@ -198,3 +198,16 @@ def test_batch_compaction_context_turns_compaction_off_at_trace_time():
     with eqp.batch_compaction(False):
         lockstep = jax.make_jaxpr(make_solve_batch())(xs, gains)
     assert not has_cond(lockstep)
+
+
+@pytest.mark.parametrize("n", [1, 7, 128])
+def test_running_first_is_a_stable_partition(n):
+    from eqprop_jax.equilibrium._ragged import _running_first
+
+    rng = np.random.default_rng(n)
+    for p in (0.0, 0.3, 1.0):
+        active = rng.random(n) < p
+        order, pos = jax.jit(_running_first)(jnp.asarray(active))
+        # What the sort it replaces gives, and `pos` its inverse permutation.
+        np.testing.assert_array_equal(order, np.argsort(~active, kind="stable"))
+        np.testing.assert_array_equal(np.asarray(order)[np.asarray(pos)], np.arange(n))
