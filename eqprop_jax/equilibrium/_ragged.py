@@ -9,8 +9,9 @@ running examples into a bucket of static size s ∈ {B, ⌈B/2⌉, ⌈B/4⌉, �
 that bucket until at most half of it is still running, puts it back and moves
 down to the next bucket; the smallest bucket runs until every example has stopped.
 With enough buckets the work is at most 2 Σ_i steps_i evaluations of the body
-(plus two gathers per bucket: no sort and no scatter, which XLA:CPU runs slowly) instead of B · max_i steps_i; the price
-is one compiled copy of the body per bucket size (`max_buckets` of them).
+(plus two gathers per bucket; no sort and no scatter, which XLA:CPU runs slowly)
+instead of B · max_i steps_i; the price is one compiled copy of the body per
+bucket size (`max_buckets` of them).
 
 Nested `vmap`s are merged into one batch axis of size B₁ · B₂ · … and compacted
 together, so `vmap(vmap(...))` costs what one `vmap` over all examples costs.
