@@ -682,3 +682,31 @@ def test_bad_settings_and_inputs_are_refused_before_training(digits):
     wide = dataclasses.replace(digits, num_classes=12)
     with pytest.raises(ValueError, match="12 classes but the model has 10 outputs"):
         fit(small_net(), SMALL_EP, wide, cfg, log=str)
+
+
+def test_progress_bar_on_a_terminal_and_timed_lines_elsewhere(monkeypatch):
+    import io
+
+    from eqprop_jax.train.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = iter(range(0, 1000, 7))  # seconds: 0, 7, 14, ...
+    monkeypatch.setattr("eqprop_jax.train.progress.time.perf_counter", lambda: next(clock))
+    tty, log, off = Tty(), io.StringIO(), io.StringIO()
+    bars = [Progress(30, "ep", stream=s, enabled=e) for s, e in ((tty, None), (log, None))]
+    bars.append(Progress(30, "ep", stream=off, enabled=False))
+    for _ in range(30):
+        for b in bars:
+            b.update(loss=0.5)
+    for b in bars:
+        b.close()
+    # Each bar read the clock once per update after its own start at 0, 7, 14 s.
+    assert tty.getvalue().count("\r") >= 30 and "30/30" in tty.getvalue()
+    lines = log.getvalue().splitlines()
+    # A line once the loop had run a minute, then at most one a minute: the log bar
+    # saw 7 s x 3 per update (three bars share the clock), 630 s in all.
+    assert 8 <= len(lines) <= 11 and all(ln.startswith("ep [") and "it/s" in ln for ln in lines)
+    assert "\r" not in log.getvalue() and off.getvalue() == ""

@@ -32,6 +32,8 @@ class TrainConfig:
     checks; `eval_solver` overrides the model's own relaxation at evaluation;
     `augment` applies random crop and flip (NHWC images, NCHW with `channels_first`);
     `shard` spreads each batch over all local devices when there is more than one.
+    `progress`: None (default) draws a progress bar on a terminal and, when stderr is
+    a file or a pipe, writes its line once a minute; False is silent.
     Every value is checked here, so a bad setting fails before any data is touched.
     """
 

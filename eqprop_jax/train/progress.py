@@ -8,8 +8,12 @@ import time
 
 class Progress:
     """`[#####-----] 120/450 loss 0.31 3.2 it/s` on one terminal line, redrawn at most
-    every `interval` seconds. Silent when `enabled` is False (default: only when the
-    stream is a terminal, so logs and tests stay clean)."""
+    every `interval` seconds. Silent when `enabled` is False.
+
+    By default (`enabled=None`) it draws the bar on a terminal; on any other stream
+    (a log file, a pipe) it writes that line as a plain line once every
+    `log_interval` seconds, so a long background run shows its rate without filling
+    its log (a loop that ends sooner writes nothing)."""
 
     def __init__(
         self,
@@ -20,10 +24,14 @@ class Progress:
         stream=None,
         width: int = 24,
         interval: float = 0.2,
+        log_interval: float = 60.0,
     ):
         self.total, self.desc, self.width, self.interval = total, desc, width, interval
         self.stream = sys.stderr if stream is None else stream
-        self.enabled = _isatty(self.stream) if enabled is None else enabled
+        self.lines = enabled is None and not _isatty(self.stream)
+        self.enabled = True if enabled is None else bool(enabled)
+        if self.lines:
+            self.interval = log_interval
         self.n = 0
         self.start = time.perf_counter()
         self._last = 0.0
@@ -32,24 +40,28 @@ class Progress:
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n
         now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.interval or self.n >= self.total):
+        if self.lines:
+            if now - self.start >= self.interval and now - self._last >= self.interval:
+                self._last = now
+                self.stream.write(self._line(now, postfix).lstrip("\r") + "\n")
+                self.stream.flush()
+        elif self.enabled and (now - self._last >= self.interval or self.n >= self.total):
             self._last = now
-            self._draw(now, postfix)
+            self.stream.write(self._line(now, postfix))
+            self.stream.flush()
+            self._shown = True
 
-    def _draw(self, now: float, postfix: dict) -> None:
+    def _line(self, now: float, postfix: dict) -> str:
         frac = min(1.0, self.n / self.total) if self.total else 1.0
         filled = int(round(frac * self.width))
         rate = self.n / max(now - self.start, 1e-9)
         extra = " ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items()
         )
-        line = (
+        return (
             f"\r{self.desc} [{'#' * filled}{'-' * (self.width - filled)}] "
-            f"{self.n}/{self.total} {extra} {rate:.1f} it/s"
+            f"{self.n}/{self.total} {extra} {rate:.3g} it/s"
         )
-        self.stream.write(line)
-        self.stream.flush()
-        self._shown = True
 
     def close(self) -> None:
         if self.enabled and self._shown:
