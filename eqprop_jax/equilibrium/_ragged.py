@@ -118,9 +118,11 @@ def _compacted(cond, body, carry, ops, op_batched, buckets):
         size = sizes[i]
         floor = sizes[i + 1] if i + 1 < len(sizes) else 0
 
-        def run(carry, active, order, pos):
+        def run(carry, active):
             if size == n:
                 return step_bucket(carry, ops, active, floor)
+            # Running examples first; stable so the bucket's order is deterministic.
+            order, pos = _running_first(active)
             idx = order[:size]
             sub_ops = jtu.tree_map(lambda x, b: x[idx] if b else x, ops, op_batched)
             sub, sub_active = step_bucket(_take(carry, idx), sub_ops, active[idx], floor)
@@ -140,9 +142,7 @@ def _compacted(cond, body, carry, ops, op_batched, buckets):
     def outer_body(state):
         carry, active = state
         k = jnp.sum(size_arr >= jnp.sum(active)) - 1
-        # Running examples first; stable so the bucket's order is deterministic.
-        order, pos = _running_first(active)
-        return lax.switch(k, branches, carry, active, order, pos)
+        return lax.switch(k, branches, carry, active)
 
     carry, _ = lax.while_loop(lambda s: jnp.any(s[1]), outer_body, (carry, active))
     return carry
