@@ -93,3 +93,14 @@ def test_walls_runs_at_toy_size(monkeypatch):
     assert res["p-mlp"]["library_ms"] > 0 and res["p-mlp"]["floor_ms"] > 0
     (row,) = res["conv"]["rows"]
     assert all(v > 0 for v in (*row["xla_nchw_ms"], *row["xla_nhwc_ms"], *row["library_ms"]))
+
+
+def test_compaction_benchmark_compares_equal_solves(monkeypatch):
+    bench = load_source("benchmarks", "compaction", monkeypatch)
+    het = bench.measure(16, 16, uniform=False, rounds=1)
+    uni = bench.measure(16, 16, uniform=True, rounds=1)
+    # Heterogeneous really is: the slowest example takes many times the fastest's steps.
+    assert het["steps"].max() >= 5 * het["steps"].min() and uni["steps"].max() <= 20
+    for r in (het, uni):
+        assert r["same_steps"] and r["grad_rel_diff"] < 1e-5
+        assert set(r["cpu"]) == {1, 4} and all(v > 0 for v in r["cpu"].values())
