@@ -710,3 +710,10 @@ def test_progress_bar_on_a_terminal_and_timed_lines_elsewhere(monkeypatch):
     # saw 7 s x 3 per update (three bars share the clock), 630 s in all.
     assert 8 <= len(lines) <= 11 and all(ln.startswith("ep [") and "it/s" in ln for ln in lines)
     assert "\r" not in log.getvalue() and off.getvalue() == ""
+    # Resumed at item 20: the rate counts the items of this session only.
+    clock = iter(range(0, 1000, 10))
+    resumed = io.StringIO()
+    bar = Progress(30, "ep", stream=resumed, initial=20, log_interval=60)
+    for _ in range(10):
+        bar.update()
+    assert resumed.getvalue().splitlines() == ["ep [#####################---] 26/30  0.1 it/s"]

@@ -286,8 +286,9 @@ def _quiet(_: str) -> None:
 def _train_epoch(run: _Run, state: TrainState, ckpt: Checkpointer, signals: _SignalFlag) -> None:
     cfg, spe = run.cfg, run.steps_per_epoch
     order = epoch_order(run.data_key, state.epoch, len(run.data.x_train))
-    bar = Progress(spe, f"epoch {state.epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
-    bar.update(state.position)
+    bar = Progress(
+        spe, f"epoch {state.epoch + 1}/{cfg.epochs}", enabled=cfg.progress, initial=state.position
+    )
     for pos in range(state.position, spe):
         idx = batch_indices(order, pos, cfg.batch_size)
         if jax.process_count() > 1:  # each process loads its own rows of the batch

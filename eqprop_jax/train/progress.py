@@ -25,6 +25,7 @@ class Progress:
         width: int = 24,
         interval: float = 0.2,
         log_interval: float = 60.0,
+        initial: int = 0,
     ):
         self.total, self.desc, self.width, self.interval = total, desc, width, interval
         self.stream = sys.stderr if stream is None else stream
@@ -32,7 +33,8 @@ class Progress:
         self.enabled = True if enabled is None else bool(enabled)
         if self.lines:
             self.interval = log_interval
-        self.n = 0
+        # A resumed loop starts at `initial`; the rate counts this session's items only.
+        self.n = self.initial = initial
         self.start = time.perf_counter()
         self._last = 0.0
         self._shown = False
@@ -54,7 +56,7 @@ class Progress:
     def _line(self, now: float, postfix: dict) -> str:
         frac = min(1.0, self.n / self.total) if self.total else 1.0
         filled = int(round(frac * self.width))
-        rate = self.n / max(now - self.start, 1e-9)
+        rate = (self.n - self.initial) / max(now - self.start, 1e-9)
         extra = " ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items()
         )
